@@ -1,0 +1,1 @@
+"""Training pipeline: data -> model -> train -> evaluate -> export -> register (``python -m pipeline``)."""

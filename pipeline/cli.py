@@ -1,0 +1,120 @@
+"""``python -m pipeline train | evaluate | promote`` — a thin layer over the pipeline's modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # Heavy imports after parsing, so --help and usage errors answer at once.
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.export import ExportError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, DataError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except MlflowException as exc:
+        print(f"error: MLflow: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the MLflow run is marked FAILED and nothing was registered", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train, export, register and gate a model",
+                           description="Train a config, log it to MLflow, export a SavedModel, register it "
+                                       "as the challenger and promote it to champion if it passes the gate.")
+    train.add_argument("--config", default="seed", help="named config (seed, champion) or a .yaml path [seed]")
+    train.add_argument("--data", help="keras | path to a Keras-layout .npz | directory of IDX files "
+                                      "(default: $PIPELINE_DATA, then the config's data.source)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set epochs=3 --set training.batch_size=256")
+    train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a registered model version on a dataset",
+                              description="Download a registered version's SavedModel and report its accuracy.")
+    evaluate.add_argument("--model", default="champion",
+                          help="alias (champion), version number (3) or models:/ URI [champion]")
+    evaluate.add_argument("--name", default="mnist-cnn", help="registered model name [mnist-cnn]")
+    evaluate.add_argument("--data", help="as for train (default: $PIPELINE_DATA, then keras)")
+    evaluate.add_argument("--split", choices=["test", "train"], default="test", help="which split to score [test]")
+    evaluate.set_defaults(handler=_evaluate)
+
+    promote = sub.add_parser("promote", help="move an alias (champion) to a version by hand")
+    promote.add_argument("version", help="model version number")
+    promote.add_argument("--name", default="mnist-cnn", help="registered model name [mnist-cnn]")
+    promote.add_argument("--alias", default="champion", help="alias to move [champion]")
+    promote.set_defaults(handler=_promote)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.data import resolve_spec
+    from pipeline.job import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    spec = resolve_spec(args.data, cfg.data.source, cfg.data.path)
+    result = run_training(cfg, spec)
+    print(f"run id: {result.run_id}")
+    print(f"model version: {result.model_version}")
+    print(f"gate: {'promoted' if result.promoted else 'not promoted'} ({result.decision.reason})")
+    print(json.dumps({
+        "run_id": result.run_id,
+        "model_version": str(result.model_version),
+        "test_accuracy": round(result.test_accuracy, 6),
+        "promoted": result.promoted,
+        "export_path": result.export_path,
+    }))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline import data, register, tracking
+
+    tracking.setup_uri()
+    uri = _model_uri(args.name, args.model)
+    dataset = data.load(data.resolve_spec(args.data, "keras", None))
+    images, labels = (dataset.x_test, dataset.y_test) if args.split == "test" else (dataset.x_train, dataset.y_train)
+    accuracy = register.saved_model_accuracy(uri, images, labels)
+    print(f"{uri}: {args.split} accuracy {accuracy:.4f} on {len(labels)} images ({dataset.spec.describe()})")
+    print(json.dumps({"model_uri": uri, "split": args.split, "accuracy": round(accuracy, 6), "images": len(labels)}))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    tracking.setup_uri()
+    client = MlflowClient()
+    client.get_model_version(args.name, args.version)  # clear MLflow error if it does not exist
+    client.set_registered_model_alias(args.name, args.alias, args.version)
+    print(f"{args.name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def _model_uri(name: str, model: str) -> str:
+    if model.startswith("models:/"):
+        return model
+    return f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"

@@ -1,0 +1,163 @@
+"""Named training configs: YAML files validated by pydantic, overridable with ``key=value``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    source: Literal["keras", "npz", "idx"] = "keras"
+    path: str | None = None
+    validation_split: float = Field(0.1, gt=0.0, lt=1.0)
+
+
+class AugmentationConfig(_Strict):
+    rotation: float = Field(0.0, ge=0.0, le=0.5)
+    translation: float = Field(0.0, ge=0.0, le=0.5)
+    zoom: float = Field(0.0, ge=0.0, le=0.5)
+
+
+class ConvBlock(_Strict):
+    filters: int = Field(gt=0)
+    kernel_size: int = Field(3, gt=0)
+    convs: int = Field(1, gt=0)
+
+
+class ModelConfig(_Strict):
+    rescale: bool = True
+    augmentation: AugmentationConfig | None = None
+    conv_blocks: list[ConvBlock] = Field(min_length=1)
+    batch_norm: bool = False
+    conv_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dense_units: list[int] = []
+    dense_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainingConfig(_Strict):
+    optimizer: Literal["rmsprop", "adam", "sgd"] = "adam"
+    learning_rate: float = Field(0.001, gt=0.0)
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)
+    strategy: Literal["default", "mirrored"] = "default"
+    logical_cpus: int = Field(0, ge=0)
+
+
+class ExportConfig(_Strict):
+    base_dir: str = "exports"
+
+
+class RegistryConfig(_Strict):
+    model_name: str = "mnist-cnn"
+    experiment: str = "mnist"
+    accuracy_floor: float = Field(0.95, ge=0.0, le=1.0)
+
+
+class PipelineConfig(_Strict):
+    name: str
+    seed: int = 42
+    deterministic: bool = False
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    training: TrainingConfig = TrainingConfig()
+    export: ExportConfig = ExportConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as ``section.key`` -> value, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a named config (``seed``, ``champion``) or a YAML path and apply ``key=value`` overrides.
+
+    An override key is a dotted path (``training.epochs=3``) or, when unambiguous, a bare leaf
+    name (``epochs=3``). Values are parsed as YAML (``3``, ``0.5``, ``null``, ``[64, 32]``).
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"config {name_or_path!r} not found (named configs: {', '.join(available_configs())}, "
+            "or give a path to a .yaml file)"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections")
+    for override in overrides or []:
+        _apply_override(raw, override)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid config {path.name}: {problems}") from None
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value_text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like key=value")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError:
+        value = value_text
+    path = key.split(".") if "." in key else _resolve_leaf(raw, key)
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _resolve_leaf(raw: dict[str, Any], leaf: str) -> list[str]:
+    matches = [path for path in _flatten(raw) if path.split(".")[-1] == leaf]
+    if len(matches) == 1:
+        return matches[0].split(".")
+    if not matches:
+        if leaf in PipelineConfig.model_fields:
+            return [leaf]
+        raise ConfigError(f"override key {leaf!r} matches no config setting")
+    raise ConfigError(f"override key {leaf!r} is ambiguous ({', '.join(matches)}); use the dotted path")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,130 @@
+"""Test-set metrics and the plots people review in the MLflow UI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import classification_report, confusion_matrix, log_loss, precision_recall_fscore_support  # noqa: E402
+
+from pipeline.model import first_conv_layer  # noqa: E402
+
+LABELS = list(range(10))
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    loss: float
+    probabilities: np.ndarray
+    predictions: np.ndarray
+    labels: np.ndarray
+
+    def metrics(self) -> dict[str, float]:
+        """Test loss/accuracy and per-class precision, recall and F1, named for MLflow."""
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            self.labels, self.predictions, labels=LABELS, zero_division=0
+        )
+        metrics = {"test_accuracy": self.accuracy, "test_loss": self.loss}
+        for digit in LABELS:
+            metrics[f"test_precision_{digit}"] = float(precision[digit])
+            metrics[f"test_recall_{digit}"] = float(recall[digit])
+            metrics[f"test_f1_{digit}"] = float(f1[digit])
+        return metrics
+
+    def report(self) -> str:
+        return classification_report(self.labels, self.predictions, labels=LABELS, digits=4, zero_division=0)
+
+
+def evaluate_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> Evaluation:
+    predictions = probabilities.argmax(axis=1)
+    return Evaluation(
+        accuracy=float((predictions == labels).mean()),
+        loss=float(log_loss(labels, np.clip(probabilities, 1e-7, 1.0), labels=LABELS)),
+        probabilities=probabilities,
+        predictions=predictions,
+        labels=labels,
+    )
+
+
+def plot_curves(history: dict[str, list[float]], out_dir: Path) -> list[Path]:
+    paths = []
+    for metric in ("accuracy", "loss"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        epochs = np.arange(1, len(history[metric]) + 1)
+        ax.plot(epochs, history[metric], marker="o", label=f"train {metric}")
+        if f"val_{metric}" in history:
+            ax.plot(epochs, history[f"val_{metric}"], marker="o", label=f"validation {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric.capitalize()} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out_dir / f"{metric}_curve.png"))
+    return paths
+
+
+def plot_confusion_matrix(evaluation: Evaluation, out_dir: Path) -> Path:
+    matrix = confusion_matrix(evaluation.labels, evaluation.predictions, labels=LABELS)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ax.set_xticks(LABELS)
+    ax.set_yticks(LABELS)
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit")
+    ax.set_title(f"Confusion matrix (test accuracy {evaluation.accuracy:.4f})")
+    threshold = matrix.max() / 2
+    for (row, col), count in np.ndenumerate(matrix):
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > threshold else "black")
+    return _save(fig, out_dir / "confusion_matrix.png")
+
+
+def plot_misclassified(images: np.ndarray, evaluation: Evaluation, out_dir: Path, limit: int = 36) -> Path:
+    wrong = np.flatnonzero(evaluation.predictions != evaluation.labels)[:limit]
+    cols = 6
+    rows = max(1, int(np.ceil(len(wrong) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, index in zip(np.atleast_1d(axes).ravel(), wrong):
+        ax.imshow(images[index], cmap="gray_r")
+        ax.set_title(f"true {evaluation.labels[index]} / pred {evaluation.predictions[index]}", fontsize=8)
+    fig.suptitle(f"Misclassified test digits ({int((evaluation.predictions != evaluation.labels).sum())} in all)")
+    return _save(fig, out_dir / "misclassified.png")
+
+
+def plot_feature_maps(model: keras.Model, image: np.ndarray, out_dir: Path) -> Path:
+    conv = first_conv_layer(model)
+    extractor = keras.Model(model.input, conv.output)
+    maps = keras.ops.convert_to_numpy(extractor(image.astype(np.float32)[None, ..., None], training=False))[0]
+    channels = maps.shape[-1]
+    cols = min(8, channels)
+    rows = int(np.ceil(channels / cols))
+    fig, axes = plt.subplots(rows, cols + 1, figsize=((cols + 1) * 1.5, rows * 1.6))
+    axes = np.atleast_2d(axes)
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0, 0].imshow(image, cmap="gray_r")
+    axes[0, 0].set_title("input", fontsize=8)
+    for channel in range(channels):
+        ax = axes[channel // cols, 1 + channel % cols]
+        ax.imshow(maps[..., channel], cmap="viridis")
+        ax.set_title(f"{conv.name}[{channel}]", fontsize=7)
+    fig.suptitle(f"Feature maps of the first conv layer ({conv.name})")
+    return _save(fig, out_dir / "feature_maps.png")
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,86 @@
+"""TensorFlow SavedModel export whose ``serving_default`` takes raw uint8 pixels.
+
+Signature: ``pixels`` uint8 ``[N, 28, 28]`` -> ``probabilities`` float32 ``[N, 10]``, ``digit`` int64 ``[N]``.
+Everything between raw pixels and probabilities is inside the graph, so a TensorFlow Serving client
+that sends raw pixels gets correct answers. Layout: ``<base>/mnist/<version>/saved_model.pb``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+SERVABLE_NAME = "mnist"
+SIGNATURE = "serving_default"
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def export_to_staging(model: keras.Model, export_base: Path) -> Path:
+    """Write the SavedModel into a hidden staging directory under ``<base>/mnist``.
+
+    TensorFlow Serving ignores directories whose names are not numbers, so a staged export is never
+    picked up half-written; :func:`publish` renames it into place once it has a version number.
+    """
+    servable_dir = Path(export_base) / SERVABLE_NAME
+    servable_dir.mkdir(parents=True, exist_ok=True)
+    staging = servable_dir / f".staging-{uuid.uuid4().hex[:12]}"
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="pixels")])
+    def serve(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        probabilities = model(tf.cast(pixels, tf.float32)[..., None], training=False)
+        return {
+            "probabilities": tf.cast(probabilities, tf.float32),
+            "digit": tf.argmax(probabilities, axis=-1, output_type=tf.int64),
+        }
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE, serve)
+    try:
+        archive.write_out(str(staging), verbose=False)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def predict_savedmodel(path: Path, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Probabilities from a SavedModel's ``serving_default`` on uint8 ``[N, 28, 28]`` images."""
+    serve = tf.saved_model.load(str(path)).signatures[SIGNATURE]
+    chunks = [
+        serve(pixels=tf.constant(images[start:start + batch_size], dtype=tf.uint8))["probabilities"].numpy()
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks)
+
+
+def verify_export(path: Path, model: keras.Model, images: np.ndarray, atol: float = 1e-4) -> None:
+    """Reload the export and check it predicts what the in-memory model predicts."""
+    exported = predict_savedmodel(path, images)
+    expected = keras.ops.convert_to_numpy(model(images.astype(np.float32)[..., None], training=False))
+    if exported.shape != expected.shape or not np.allclose(exported, expected, atol=atol):
+        worst = float(np.abs(exported - expected).max()) if exported.shape == expected.shape else float("nan")
+        raise ExportError(f"exported SavedModel disagrees with the trained model (max |diff| {worst:.2e})")
+    if not np.array_equal(exported.argmax(1), expected.argmax(1)):
+        raise ExportError("exported SavedModel predicts different digits from the trained model")
+
+
+def publish(staging: Path, version: int | str) -> Path:
+    """Atomically rename a verified staging export to ``<base>/mnist/<version>``."""
+    final = staging.parent / str(version)
+    if final.exists():
+        raise ExportError(f"export {final} already exists; refusing to overwrite it")
+    staging.rename(final)
+    return final
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,133 @@
+"""The training job: data -> model -> train -> evaluate -> export -> register -> gate, in one MLflow run.
+
+A run that fails at any step is marked FAILED, registers nothing and leaves no export behind.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import keras
+import mlflow
+import numpy as np
+
+from pipeline import data as data_module
+from pipeline import evaluate, export, register, tracking
+from pipeline.config import PipelineConfig
+from pipeline.train import as_model_input, configure_devices, train
+
+KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+VERIFY_BATCH = 512
+
+
+@dataclass(frozen=True)
+class JobResult:
+    run_id: str
+    model_version: str
+    test_accuracy: float
+    promoted: bool
+    export_path: str
+    decision: register.GateDecision
+    train_wall_time_s: float
+    epochs_run: int
+    train_images: int
+
+
+def run_training(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Callable[[str], None] = print) -> JobResult:
+    configure_devices(cfg.training)
+    tracking.setup(cfg.registry.experiment)
+    with mlflow.start_run(run_name=cfg.name) as run:
+        run_id = run.info.run_id
+        say(f"MLflow run {run_id} ({tracking.tracking_uri()})")
+        mlflow.set_tags({"config": cfg.name, "git_commit": tracking.git_commit(), "data_source": data_spec.describe()})
+        mlflow.log_params(cfg.flat())
+
+        data = data_module.load(data_spec)
+        say(f"data: {data_spec.describe()} train={len(data.x_train)} test={len(data.x_test)} digest={data.digest}")
+        _log_dataset(data)
+        splits = data.split(cfg.data.validation_split, cfg.seed)
+
+        result = train(cfg, splits)
+        say(f"trained {result.epochs_run} epochs on {result.replicas} replica(s) in {result.wall_time_s:.1f}s")
+        mlflow.set_tag("replicas", str(result.replicas))
+        mlflow.set_tag("training_wall_time_s", f"{result.wall_time_s:.1f}")
+        mlflow.log_metrics({"training_wall_time_s": result.wall_time_s, "epochs_run": result.epochs_run})
+
+        probabilities = keras.ops.convert_to_numpy(result.model.predict(as_model_input(splits.x_test), batch_size=1024, verbose=0))
+        evaluation = evaluate.evaluate_probabilities(probabilities, splits.y_test)
+        mlflow.log_metrics(evaluation.metrics())
+        say(f"test accuracy {evaluation.accuracy:.4f}, test loss {evaluation.loss:.4f}, training {result.wall_time_s:.1f}s")
+        _log_artifacts(result.model, result.history, evaluation, splits.x_test)
+
+        return _export_and_register(cfg, result, evaluation, splits, run_id, say)
+
+
+def _export_and_register(cfg, result, evaluation, splits, run_id, say) -> JobResult:
+    name = cfg.registry.model_name
+    staging = export.export_to_staging(result.model, Path(cfg.export.base_dir))
+    try:
+        export.verify_export(staging, result.model, splits.x_test[:VERIFY_BATCH])
+        say("export verified: the reloaded SavedModel agrees with the trained model")
+        info = register.log_model(result.model, staging)
+
+        champion = register.current_champion(name)
+        champion_accuracy = None
+        if champion is not None:
+            champion_accuracy = register.saved_model_accuracy(f"models:/{name}/{champion.version}", splits.x_test, splits.y_test)
+
+        version = register.register(info.model_uri, name, run_id, tags={"test_accuracy": f"{evaluation.accuracy:.6f}", "config": cfg.name})
+        try:
+            decision = register.decide(evaluation.accuracy, champion_accuracy, cfg.registry.accuracy_floor)
+            mlflow.log_metrics({"gate_candidate_accuracy": evaluation.accuracy,
+                                **({"gate_champion_accuracy": champion_accuracy} if champion_accuracy is not None else {})})
+            mlflow.set_tags({"gate_decision": "promoted" if decision.promote else "not promoted",
+                             "gate_reason": decision.reason, "registered_version": version.version,
+                             "gate_champion_version": champion.version if champion else "none"})
+            if decision.promote:
+                register.promote(name, version.version)
+            export_path = export.publish(staging, version.version)
+        except BaseException:
+            register.delete_version(name, version.version)
+            raise
+    finally:
+        export.discard(staging)  # a no-op once published
+    say(f"registered {name} version {version.version} (alias {register.CHALLENGER})")
+    say(f"gate: {'PROMOTED to ' + register.CHAMPION if decision.promote else 'not promoted'} — {decision.reason}")
+    say(f"SavedModel: {export_path}")
+    return JobResult(run_id, version.version, evaluation.accuracy, decision.promote, str(export_path), decision,
+                     result.wall_time_s, result.epochs_run, len(splits.x_train))
+
+
+def _log_dataset(data: data_module.MnistData) -> None:
+    source = KERAS_MNIST_URL if data.spec.source == "keras" else str(Path(data.spec.path).resolve())
+    mlflow.set_tag("data_digest", data.digest)
+    for context, (x, y) in {"training": (data.x_train, data.y_train), "testing": (data.x_test, data.y_test)}.items():
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"; all mean the same
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_numpy(x, targets=y, source=source, name=f"mnist-{context}-{data.digest}")
+        mlflow.log_input(dataset, context=context)
+
+
+def _log_artifacts(model: keras.Model, history: dict, evaluation: evaluate.Evaluation, x_test: np.ndarray) -> None:
+    with tempfile.TemporaryDirectory(prefix="mnist-artifacts-") as tmp:
+        out = Path(tmp)
+        plots = [
+            *evaluate.plot_curves(history, out),
+            evaluate.plot_confusion_matrix(evaluation, out),
+            evaluate.plot_misclassified(x_test, evaluation, out),
+            evaluate.plot_feature_maps(model, x_test[0], out),
+        ]
+        for path in plots:
+            mlflow.log_artifact(str(path), artifact_path="plots")
+        summary = io.StringIO()
+        with redirect_stdout(summary):
+            model.summary()
+        mlflow.log_text(summary.getvalue(), "model_summary.txt")
+        mlflow.log_text(evaluation.report(), "classification_report.txt")
+

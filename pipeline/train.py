@@ -1,0 +1,90 @@
+"""Fit the model: seeds, device strategy, callbacks and per-epoch MLflow metrics."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+
+from pipeline.config import PipelineConfig, TrainingConfig
+from pipeline.data import Splits
+from pipeline.model import build_model, compile_model
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model
+    history: dict[str, list[float]]
+    wall_time_s: float
+    epochs_run: int
+    replicas: int
+
+
+def as_model_input(images: np.ndarray) -> np.ndarray:
+    """uint8 ``[N, 28, 28]`` -> float32 ``[N, 28, 28, 1]`` raw 0-255 values (the model scales, if at all)."""
+    return images.astype(np.float32)[..., None]
+
+
+def configure_devices(cfg: TrainingConfig) -> None:
+    """Split the CPU into logical devices; must run before TensorFlow touches a device."""
+    if cfg.logical_cpus > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(cfg.logical_cpus)]
+        )
+
+
+def make_strategy(cfg: TrainingConfig) -> tf.distribute.Strategy:
+    if cfg.strategy == "mirrored":
+        if tf.config.list_logical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=cpus)
+    return tf.distribute.get_strategy()
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Logs loss, accuracy, val_loss, val_accuracy and the learning rate with step = epoch."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+def train(cfg: PipelineConfig, splits: Splits) -> TrainResult:
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    tcfg = cfg.training
+    strategy = make_strategy(tcfg)
+    steps_per_epoch = int(np.ceil(len(splits.x_train) / tcfg.batch_size))
+    with strategy.scope():
+        model = build_model(cfg.model)
+        compile_model(model, tcfg, steps_per_epoch)
+
+    callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger()]
+    if tcfg.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=tcfg.early_stopping_patience, restore_best_weights=True, verbose=1,
+        ))
+    if tcfg.lr_schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, verbose=1))
+
+    started = time.perf_counter()
+    history = model.fit(
+        as_model_input(splits.x_train),
+        keras.utils.to_categorical(splits.y_train, 10),
+        validation_data=(as_model_input(splits.x_val), keras.utils.to_categorical(splits.y_val, 10)),
+        epochs=tcfg.epochs,
+        batch_size=tcfg.batch_size,
+        callbacks=callbacks,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    wall_time = time.perf_counter() - started
+    return TrainResult(model, history.history, wall_time, len(history.epoch), strategy.num_replicas_in_sync)

@@ -1,0 +1,211 @@
+"""The real job on the committed sample: train, track, export, register, gate — and fail cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+import tensorflow as tf
+from mlflow import MlflowClient
+
+from tests.conftest import REPO_ROOT, SAMPLE_NPZ, free_port, last_json_line, run_pipeline
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = {
+    "plots/accuracy_curve.png", "plots/loss_curve.png", "plots/confusion_matrix.png",
+    "plots/misclassified.png", "plots/feature_maps.png", "model_summary.txt", "classification_report.txt",
+}
+
+
+def client_for(uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_train_prints_a_machine_readable_result(trained_registry):
+    result = trained_registry.result
+    assert set(result) == {"run_id", "model_version", "test_accuracy", "promoted", "export_path"}
+    assert result["model_version"] == "1" and result["promoted"] is True
+    assert f"run id: {result['run_id']}" in trained_registry.stdout
+    assert "Epoch 1/1" in trained_registry.stdout
+
+
+def test_export_serves_raw_uint8_pixels_through_its_signature(trained_registry, sample):
+    export = trained_registry.export_path
+    assert export.name == "1" and export.parent.name == "mnist" and (export / "saved_model.pb").is_file()
+    assert not [p for p in export.parent.iterdir() if p.name.startswith(".staging")]
+    serve = tf.saved_model.load(str(export)).signatures["serving_default"]
+    out = serve(pixels=tf.constant(sample["x_test"]))
+    probabilities, digits = out["probabilities"].numpy(), out["digit"].numpy()
+    assert probabilities.shape == (500, 10) and probabilities.dtype == np.float32
+    np.testing.assert_array_equal(digits, probabilities.argmax(axis=1))
+    accuracy = float((digits == sample["y_test"]).mean())
+    assert accuracy == pytest.approx(trained_registry.result["test_accuracy"], abs=1e-6)
+
+
+def test_run_holds_params_metrics_artifacts_tags_and_dataset(trained_registry):
+    client = client_for(trained_registry.tracking_uri)
+    run = client.get_run(trained_registry.result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.epochs"] == "1" and run.data.params["model.rescale"] == "False"
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == [0], metric
+    assert {f"test_{kind}_{digit}" for kind in ("precision", "recall", "f1") for digit in range(10)} <= set(run.data.metrics)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(trained_registry.result["test_accuracy"], abs=1e-6)
+    assert ARTIFACTS <= all_artifacts(client, run.info.run_id)
+    tags = run.data.tags
+    assert tags["data_source"] == f"npz:{SAMPLE_NPZ}" and len(tags["data_digest"]) == 16
+    assert float(tags["training_wall_time_s"]) > 0 and tags["git_commit"]
+    assert tags["gate_decision"] == "promoted"
+    contexts = {d.tags[0].value for d in run.inputs.dataset_inputs}
+    assert contexts == {"training", "testing"}
+    assert all(tags["data_digest"] in d.dataset.name for d in run.inputs.dataset_inputs)
+
+
+def test_registered_version_is_a_keras_mlflow_model_carrying_the_savedmodel(trained_registry, sample, tmp_path):
+    client = client_for(trained_registry.tracking_uri)
+    assert client.get_model_version_by_alias("mnist-cnn", "champion").version == "1"
+    assert client.get_model_version_by_alias("mnist-cnn", "challenger").version == "1"
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/mnist-cnn@champion", dst_path=str(tmp_path)))
+    info = mlflow.models.Model.load(str(model_dir / "MLmodel"))
+    assert "keras" in info.flavors and info.signature is not None
+    pyfunc = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
+    via_pyfunc = np.asarray(pyfunc.predict(sample["x_test"][:16].astype(np.float32)[..., None]))
+    serve = tf.saved_model.load(str(model_dir / "saved_model")).signatures["serving_default"]
+    via_saved_model = serve(pixels=tf.constant(sample["x_test"][:16]))["probabilities"].numpy()
+    np.testing.assert_allclose(via_pyfunc, via_saved_model, atol=1e-5)
+
+
+def test_gate_keeps_champion_then_evaluate_and_promote_by_hand(trained_registry, tmp_path):
+    env, cwd = trained_registry.env, trained_registry.workdir
+    proc = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
+                         "--set", "registry.accuracy_floor=0.999", "--set", f"export.base_dir={cwd / 'exports'}"], env, cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    second = last_json_line(proc.stdout)
+    assert second["model_version"] == "2" and second["promoted"] is False
+    assert Path(second["export_path"]).name == "2"
+    client = client_for(trained_registry.tracking_uri)
+    assert client.get_model_version_by_alias("mnist-cnn", "champion").version == "1"
+    assert client.get_model_version_by_alias("mnist-cnn", "challenger").version == "2"
+    run = client.get_run(second["run_id"])
+    assert run.data.tags["gate_decision"] == "not promoted" and "floor" in run.data.tags["gate_reason"]
+    assert run.data.metrics["gate_champion_accuracy"] == pytest.approx(trained_registry.result["test_accuracy"], abs=1e-6)
+
+    evaluated = run_pipeline(["evaluate", "--model", "2", "--data", str(SAMPLE_NPZ)], env, cwd)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert last_json_line(evaluated.stdout)["accuracy"] == pytest.approx(second["test_accuracy"], abs=1e-6)
+
+    promoted = run_pipeline(["promote", "2"], env, cwd)
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+    assert client.get_model_version_by_alias("mnist-cnn", "champion").version == "2"
+    missing = run_pipeline(["promote", "99"], env, cwd)
+    assert missing.returncode == 2 and "error" in missing.stderr and "Traceback" not in missing.stderr
+    run_pipeline(["promote", "1"], env, cwd)  # leave the shared registry as other tests expect it
+
+
+def fresh_store(tmp_path: Path) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def assert_failed_and_nothing_registered(env: dict[str, str], exports: Path) -> None:
+    client = client_for(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    assert [run.info.status for run in runs] == ["FAILED"]
+    assert client.search_model_versions("name='mnist-cnn'") == []
+    assert not exports.exists() or not any(exports.rglob("saved_model.pb"))
+
+
+def test_bad_data_fails_the_run_with_a_clear_error(tmp_path):
+    env = fresh_store(tmp_path)
+    proc = run_pipeline(["train", "--config", "seed", "--data", str(tmp_path / "missing.npz"),
+                         "--set", f"export.base_dir={tmp_path / 'exports'}"], env, tmp_path)
+    assert proc.returncode == 2
+    assert "data file or directory not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert_failed_and_nothing_registered(env, tmp_path / "exports")
+
+
+def test_failure_at_export_leaves_no_export_and_registers_nothing(tmp_path):
+    env = fresh_store(tmp_path)
+    blocker = tmp_path / "exports"
+    blocker.write_text("a file where the export directory should go")
+    proc = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
+                         "--set", f"export.base_dir={blocker}"], env, tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(blocker) in proc.stderr
+    assert_failed_and_nothing_registered(env, tmp_path)
+    assert blocker.is_file()
+
+
+def test_ctrl_c_marks_the_run_failed(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **fresh_store(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "pipeline", "train", "--config", "seed", "--data", str(SAMPLE_NPZ),
+         "--set", "epochs=200", "--set", f"export.base_dir={tmp_path / 'exports'}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 180
+    for line in proc.stdout:
+        if line.startswith("Epoch 2/") or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr
+    assert_failed_and_nothing_registered(fresh_store(tmp_path), tmp_path / "exports")
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path):
+    proc = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
+                         "--set", "training.strategy=mirrored", "--set", "training.logical_cpus=2",
+                         "--set", "registry.accuracy_floor=0", "--set", f"export.base_dir={tmp_path / 'exports'}"],
+                        fresh_store(tmp_path), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 replica(s)" in proc.stdout
+    assert last_json_line(proc.stdout)["model_version"] == "1"
+
+
+def test_mlflow_models_serve_answers_with_the_champion(trained_registry, sample):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-cnn@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, **trained_registry.env}, cwd=trained_registry.workdir,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        images = sample["x_test"][:8]
+        answer = requests.post(f"{url}/invocations", json={"inputs": images[..., None].astype(float).tolist()}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        predictions = np.asarray(answer.json()["predictions"])
+        serve = tf.saved_model.load(str(trained_registry.export_path)).signatures["serving_default"]
+        expected = serve(pixels=tf.constant(images))["probabilities"].numpy()
+        np.testing.assert_allclose(predictions, expected, atol=1e-5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
