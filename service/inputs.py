@@ -1,0 +1,126 @@
+"""Turning what clients send into uint8 ``[N, 28, 28]`` pixels, strictly, with errors that say what is wrong.
+
+Strict on purpose: BentoML's numpy ``Shape`` validator reshapes rather than rejects (a ``(1, 56, 28)``
+input would silently become two images), so shapes and values are checked here.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SHAPE = (28, 28)
+
+
+class InputError(ValueError):
+    """Bad client input; the message is safe to return to the client."""
+
+
+def pixels_from_json(value: Any, max_images: int, what: str = "input") -> np.ndarray:
+    """One image (28x28 numbers 0-255), a list of images, or ``{"b64": ...}`` raw uint8 bytes."""
+    if isinstance(value, dict) and set(value) == {"b64"}:
+        return _pixels_from_b64(value["b64"], max_images, what)
+    if isinstance(value, list) and value and all(isinstance(v, dict) and set(v) == {"b64"} for v in value):
+        array = np.concatenate([_pixels_from_b64(v["b64"], max_images, what) for v in value])
+        if len(array) > max_images:
+            raise InputError(f"{what} has {len(array)} images; at most {max_images} per request")
+        return array
+    if not isinstance(value, list):
+        raise InputError(f"{what} must be a 28x28 list of pixel values or a list of such images, not {type(value).__name__}")
+    if not value:
+        raise InputError(f"{what} is an empty list; send at least one 28x28 image")
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise InputError(f"{what} is ragged: every image must be 28 rows of 28 values") from None
+    if array.dtype == object or array.dtype.kind in "USV":
+        raise InputError(f"{what} must contain only numbers 0-255 (found non-numeric values or ragged rows)")
+    if array.dtype == bool or array.dtype.kind not in "iuf":
+        raise InputError(f"{what} must contain only numbers 0-255, not {array.dtype}")
+    if array.shape == IMAGE_SHAPE:
+        array = array[None]
+    elif array.ndim == 4 and array.shape[1:] == (28, 28, 1):
+        array = array[..., 0]
+    if array.ndim != 3 or array.shape[1:] != IMAGE_SHAPE:
+        raise InputError(f"{what} has shape {list(array.shape)}; expected [28, 28] for one image or [N, 28, 28] for N images")
+    return _checked_range(array, max_images, what)
+
+
+def _pixels_from_b64(text: Any, max_images: int, what: str) -> np.ndarray:
+    if not isinstance(text, str):
+        raise InputError(f"{what}: b64 must be a base64 string of raw uint8 pixels")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise InputError(f"{what}: b64 is not valid base64") from None
+    if not raw or len(raw) % 784:
+        raise InputError(f"{what}: b64 holds {len(raw)} bytes; expected a multiple of 784 (28x28 uint8 pixels per image)")
+    array = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 28, 28)
+    if len(array) > max_images:
+        raise InputError(f"{what} has {len(array)} images; at most {max_images} per request")
+    return array
+
+
+def _checked_range(array: np.ndarray, max_images: int, what: str) -> np.ndarray:
+    if len(array) > max_images:
+        raise InputError(f"{what} has {len(array)} images; at most {max_images} per request")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise InputError(f"{what} contains NaN or infinite values; pixels must be 0-255")
+        if not np.equal(np.mod(array, 1), 0).all():
+            raise InputError(f"{what} contains fractional values; pixels must be integers 0-255")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise InputError(f"{what} has values from {array.min():g} to {array.max():g}; pixels must be 0-255")
+    return array.astype(np.uint8)
+
+
+def pixels_from_image_bytes(data: bytes) -> np.ndarray:
+    """An uploaded picture of a digit, made to look like an MNIST digit: uint8 ``[28, 28]``.
+
+    Greyscale; invert when the background is light (dark ink on paper); subtract the background and
+    stretch the ink to 0-255; crop to the ink's bounding box; scale the longer side to 20 px keeping
+    the aspect ratio; paste into 28x28 so the centre of mass sits at the centre — as MNIST was made.
+    """
+    if not data:
+        raise InputError("the uploaded image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot decode the uploaded image ({type(exc).__name__}); send a PNG, JPEG, GIF, BMP or WebP") from None
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if np.median(border) > 127:
+        grey = 255.0 - grey
+        border = 255.0 - border
+    ink = np.clip(grey - np.median(border), 0, None)
+    if ink.max() < 16:
+        raise InputError("no digit found in the uploaded image (it is blank or has no contrast)")
+    ink *= 255.0 / ink.max()
+
+    rows = np.flatnonzero((ink > 64).any(axis=1))
+    cols = np.flatnonzero((ink > 64).any(axis=0))
+    crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    height, width = crop.shape
+    scale = 20.0 / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    digit = np.asarray(Image.fromarray(crop.astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+
+    canvas = np.zeros(IMAGE_SHAPE, dtype=np.float32)
+    total = digit.sum()
+    ys, xs = np.indices(digit.shape)
+    com_y, com_x = (ys * digit).sum() / total, (xs * digit).sum() / total
+    top = int(np.clip(round(14 - com_y), 0, 28 - digit.shape[0]))
+    left = int(np.clip(round(14 - com_x), 0, 28 - digit.shape[1]))
+    canvas[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
+    return np.clip(canvas, 0, 255).astype(np.uint8)

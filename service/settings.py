@@ -1,0 +1,57 @@
+"""Service settings, read once from the environment (see README, "Service configuration")."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        raise SystemExit(f"configuration error: {name}={value!r} is not an integer") from None
+
+
+def _float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    try:
+        return float(value) if value not in (None, "") else default
+    except ValueError:
+        raise SystemExit(f"configuration error: {name}={value!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_uri: str
+    tracking_uri: str
+    reload_poll_seconds: float
+    admin_token: str | None
+    max_images_per_request: int
+    max_body_bytes: int
+    batch_max_size: int
+    batch_max_latency_ms: int
+    workers: int
+    timeout_s: int
+    max_concurrency: int
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            model_uri=os.environ.get("MODEL_URI", "models:/mnist-cnn@champion"),
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}",
+            reload_poll_seconds=_float("MODEL_POLL_SECONDS", 30.0),
+            admin_token=os.environ.get("ADMIN_TOKEN") or None,
+            max_images_per_request=_int("MAX_IMAGES_PER_REQUEST", 1024),
+            max_body_bytes=_int("MAX_BODY_BYTES", 16 * 1024 * 1024),
+            batch_max_size=_int("BATCH_MAX_SIZE", 128),
+            batch_max_latency_ms=_int("BATCH_MAX_LATENCY_MS", 100),
+            workers=_int("SERVICE_WORKERS", 1),
+            timeout_s=_int("SERVICE_TIMEOUT_S", 30),
+            max_concurrency=_int("SERVICE_MAX_CONCURRENCY", 512),
+        )
+
+
+SETTINGS = Settings.from_env()
