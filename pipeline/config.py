@@ -58,6 +58,7 @@ class TrainingConfig(_Strict):
     early_stopping_patience: int | None = Field(None, gt=0)
     strategy: Literal["default", "mirrored"] = "default"
     logical_cpus: int = Field(0, ge=0)
+    inter_op_threads: int = Field(0, ge=0)
 
 
 class ExportConfig(_Strict):

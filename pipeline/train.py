@@ -31,7 +31,9 @@ def as_model_input(images: np.ndarray) -> np.ndarray:
 
 
 def configure_devices(cfg: TrainingConfig) -> None:
-    """Split the CPU into logical devices; must run before TensorFlow touches a device."""
+    """Thread pools and logical CPU devices; must run before TensorFlow touches a device."""
+    if cfg.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(cfg.inter_op_threads)
     if cfg.logical_cpus > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(

@@ -1,4 +1,9 @@
-"""ASGI middleware: body size limit and content-type checks, answered as JSON before any parsing."""
+"""ASGI middleware: body size, content type and JSON syntax checked before BentoML parses anything.
+
+Every rejection is JSON ``{"error": "..."}``. Validation errors that BentoML reports for ``/predict``
+(pydantic's ``{"error": "1 validation error ...", "detail": [...]}``) get their first message lifted
+into ``error`` so clients read what is wrong at the top level; the dispatcher's 503 says it is overload.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ class RequestLimits:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         path = scope["path"]
+        is_json_api = path.startswith(JSON_PATHS) and not path.startswith("/predict_image")
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if path.startswith(JSON_PATHS) and not path.startswith("/predict_image") and content_type != b"application/json":
+        if is_json_api and content_type != b"application/json":
             shown = content_type.decode("latin-1") or "(none)"
             return await _reject(send, 415, f"unsupported content type {shown}; send application/json")
 
@@ -35,9 +41,7 @@ class RequestLimits:
                 return await _reject(send, 400, "invalid Content-Length header")
             if size > self.max_body_bytes:
                 return await _reject(send, 413, f"request body of {size} bytes is over the limit of {self.max_body_bytes} bytes")
-            return await self.app(scope, receive, send)
 
-        # No Content-Length (chunked): read up to the limit, then replay the body to the app.
         chunks, total, more = [], 0, True
         while more:
             message = await receive()
@@ -50,6 +54,14 @@ class RequestLimits:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        if is_json_api:
+            if not body:
+                return await _reject(send, 400, "empty request body; send JSON")
+            try:
+                orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                return await _reject(send, 400, f"malformed JSON: {exc}")
+
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -59,7 +71,42 @@ class RequestLimits:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
+        if path == "/predict":
+            send = _lift_validation_errors(send)
         return await self.app(scope, replay, send)
+
+
+def _lift_validation_errors(send: Send) -> Send:
+    status = 200
+    start: dict[str, Any] | None = None
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        nonlocal status, start
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            if status not in (400, 503):
+                return await send(message)
+            start = message  # hold the headers until the body is rewritten
+            return None
+        if status not in (400, 503) or start is None or message.get("more_body"):
+            return await send(message)
+        body = message.get("body", b"")
+        if status == 503:
+            body = orjson.dumps({"error": "process is overloaded: the batching dispatcher could not serve this "
+                                          "request within BATCH_MAX_LATENCY_MS; retry with backoff"})
+        try:
+            payload = orjson.loads(body)
+            detail = payload.get("detail") or []
+            first = detail[0]["msg"].removeprefix("Value error, ")
+            body = orjson.dumps({"error": first, "detail": detail})
+        except (orjson.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError):
+            pass
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
 
 
 async def _reject(send: Send, status: int, message: str) -> None:

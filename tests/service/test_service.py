@@ -1,0 +1,262 @@
+"""The real service: ``bentoml serve service:Digits`` on a loopback port, loading the champion from MLflow."""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import tensorflow as tf
+from PIL import Image
+
+from tests.conftest import SAMPLE_NPZ, RunningService, last_json_line, run_pipeline, start_service, stop_service
+
+pytestmark = pytest.mark.slow
+ADMIN_TOKEN = "test-admin-token"
+
+
+@pytest.fixture(scope="module")
+def service(trained_registry, tmp_path_factory):
+    env = {**trained_registry.env, "MODEL_POLL_SECONDS": "1", "ADMIN_TOKEN": ADMIN_TOKEN,
+           "MAX_IMAGES_PER_REQUEST": "300", "MAX_BODY_BYTES": str(4 * 1024 * 1024)}
+    running = start_service(env, tmp_path_factory.mktemp("service") / "service.log")
+    assert running.process.poll() is None, running.log()[-3000:]
+    yield running
+    stop_service(running)
+
+
+def served_version(service: RunningService) -> str:
+    return requests.get(f"{service.url}/model", timeout=10).json()["version"]
+
+
+def saved_model_probabilities(trained_registry, version: str, images: np.ndarray) -> np.ndarray:
+    path = trained_registry.workdir / "exports" / "mnist" / version
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    return serve(pixels=tf.constant(images))["probabilities"].numpy()
+
+
+def test_health_and_model_info(service, trained_registry):
+    assert requests.get(f"{service.url}/livez", timeout=10).status_code == 200
+    assert requests.get(f"{service.url}/readyz", timeout=10).status_code == 200
+    info = requests.get(f"{service.url}/model", timeout=10).json()
+    assert info["name"] == "mnist-cnn" and info["alias"] == "champion"
+    assert info["run_id"] and info["loaded_at"] and 0 < info["test_accuracy"] <= 1
+    spec = requests.get(f"{service.url}/docs.json", timeout=10).json()
+    assert {"/predict", "/predict_image", "/model"} <= set(spec["paths"])
+
+
+def test_predict_one_image_and_a_list_equal_the_savedmodel(service, trained_registry, sample):
+    version = served_version(service)
+    images = sample["x_test"][:20]
+    expected = saved_model_probabilities(trained_registry, version, images)
+
+    one = requests.post(f"{service.url}/predict", json=images[0].tolist(), timeout=30)
+    assert one.status_code == 200, one.text
+    assert len(one.json()) == 1 and one.json()[0]["model_version"] == version
+    np.testing.assert_allclose(one.json()[0]["probabilities"], expected[0], atol=1e-5)
+
+    many = requests.post(f"{service.url}/predict", json=images.tolist(), timeout=30).json()
+    np.testing.assert_allclose([p["probabilities"] for p in many], expected, atol=1e-5)
+    assert [p["digit"] for p in many] == expected.argmax(1).tolist()
+    assert {p["model_version"] for p in many} == {version}
+
+
+def test_tensorflow_serving_rest_formats(service, trained_registry, sample):
+    version = served_version(service)
+    images = sample["x_test"][:4]
+    expected = saved_model_probabilities(trained_registry, version, images)
+    v1 = f"{service.url}/v1/models/mnist"
+
+    rows = requests.post(f"{v1}:predict", json={"instances": images.tolist()}, timeout=30).json()
+    assert set(rows) == {"predictions"} and len(rows["predictions"]) == 4
+    assert set(rows["predictions"][0]) == {"probabilities", "digit"}
+    np.testing.assert_allclose([p["probabilities"] for p in rows["predictions"]], expected, atol=1e-5)
+
+    named = requests.post(f"{v1}/versions/{version}:predict",
+                          json={"signature_name": "serving_default", "instances": [{"pixels": im.tolist()} for im in images]},
+                          timeout=30).json()
+    assert [p["digit"] for p in named["predictions"]] == expected.argmax(1).tolist()
+
+    columns = requests.post(f"{v1}:predict", json={"inputs": {"pixels": images.tolist()}}, timeout=30).json()
+    assert set(columns) == {"outputs"} and set(columns["outputs"]) == {"probabilities", "digit"}
+    assert np.asarray(columns["outputs"]["probabilities"]).shape == (4, 10)
+    assert columns["outputs"]["digit"] == expected.argmax(1).tolist()
+
+    status = requests.get(v1, timeout=10).json()
+    assert status == {"model_version_status": [{"version": version, "state": "AVAILABLE",
+                                                "status": {"error_code": "OK", "error_message": ""}}]}
+    metadata = requests.get(f"{v1}/metadata", timeout=10).json()
+    assert metadata["model_spec"] == {"name": "mnist", "signature_name": "", "version": version}
+    signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["inputs"]["pixels"]["dtype"] == "DT_UINT8"
+    assert [d["size"] for d in signature["inputs"]["pixels"]["tensor_shape"]["dim"]] == ["-1", "28", "28"]
+    assert set(signature["outputs"]) == {"probabilities", "digit"}
+    assert signature["method_name"] == "tensorflow/serving/predict"
+
+    missing = requests.post(f"{v1}/versions/999:predict", json={"instances": images.tolist()}, timeout=10)
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_image_upload_agrees_with_the_pixels_it_came_from(service, sample):
+    agree = 0
+    for image in sample["x_test"][:20]:
+        paper = Image.fromarray(255 - image).resize((168, 168), Image.Resampling.BICUBIC).convert("RGB")
+        buffer = io.BytesIO()
+        paper.save(buffer, "JPEG", quality=92)
+        upload = requests.post(f"{service.url}/predict_image",
+                               files={"image": ("digit.jpg", buffer.getvalue(), "image/jpeg")}, timeout=30)
+        assert upload.status_code == 200, upload.text
+        direct = requests.post(f"{service.url}/predict", json=image.tolist(), timeout=30).json()[0]
+        agree += upload.json()["digit"] == direct["digit"]
+        assert np.asarray(upload.json()["pixels"]).shape == (28, 28)
+    assert agree >= 18
+
+
+BAD_REQUESTS = [
+    ("/predict", {"json": np.zeros((1, 56, 28), int).tolist()}, 400, "shape [1, 56, 28]"),
+    ("/predict", {"json": [[0] * 28] * 28 + [[1] * 28]}, 400, "shape [29, 28]"),
+    ("/predict", {"json": [[["x"] * 28] * 28]}, 400, "numbers"),
+    ("/predict", {"json": [[999] * 28] * 28}, 400, "0-255"),
+    ("/predict", {"data": "[[" + ",".join(["NaN"] * 28) + "]]", "headers": {"Content-Type": "application/json"}}, 400, ""),
+    ("/predict", {"json": []}, 400, "empty"),
+    ("/predict", {"json": np.zeros((301, 28, 28), int).tolist()}, 400, "at most 300"),
+    ("/predict", {"data": b"[" + b"0," * 3_000_000 + b"0]", "headers": {"Content-Type": "application/json"}}, 413, "over the limit"),
+    ("/predict", {"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400, "malformed JSON"),
+    ("/predict", {"data": "[[0]]", "headers": {"Content-Type": "text/plain"}}, 415, "content type"),
+    ("/predict_image", {"files": {"image": ("empty.png", b"", "image/png")}}, 400, "empty"),
+    ("/predict_image", {"files": {"image": ("x.png", b"\x89PNG broken", "image/png")}}, 400, "cannot decode"),
+    ("/predict_image", {"json": {"image": "x"}}, 415, "content type"),
+    ("/v1/models/mnist:predict", {"json": {"instances": [[[0] * 28] * 27]}}, 400, "shape"),
+    ("/v1/models/mnist:predict", {"json": {"instances": [], "inputs": []}}, 400, "exactly one"),
+    ("/v1/models/mnist:predict", {"json": {"signature_name": "other", "instances": [[[0] * 28] * 28]}}, 400, "signature"),
+    ("/v1/models/mnist:predict", {"data": "{oops", "headers": {"Content-Type": "application/json"}}, 400, "malformed JSON"),
+    ("/v1/models/other:predict", {"json": {"instances": [[[0] * 28] * 28]}}, 404, "no such endpoint"),
+]
+
+
+@pytest.mark.parametrize(("path", "kwargs", "status", "message"), BAD_REQUESTS, ids=[f"{p} {s} {m}" for p, _, s, m in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_serving(service, sample, path, kwargs, status, message):
+    answer = requests.post(f"{service.url}{path}", timeout=30, **kwargs)
+    assert answer.status_code == status, answer.text[:500]
+    assert message in answer.json()["error"]
+    good = requests.post(f"{service.url}/predict", json=sample["x_test"][0].tolist(), timeout=30)
+    assert good.status_code == 200
+
+
+def batch_histogram(service: RunningService) -> tuple[float, float]:
+    """(model calls, model calls with exactly one image) from the custom batch-size histogram."""
+    text = requests.get(f"{service.url}/metrics", timeout=10).text
+    count = float(re.search(r"^digits_model_batch_images_count(?:\{[^}]*\})? (\S+)$", text, re.M).group(1))
+    ones = float(re.search(r'^digits_model_batch_images_bucket\{[^}]*le="1\.0"[^}]*\} (\S+)$', text, re.M).group(1))
+    return count, ones
+
+
+def test_concurrent_single_image_requests_are_batched_and_all_correct(service, trained_registry, sample):
+    images = sample["x_test"][:256]
+    version = served_version(service)
+    expected = saved_model_probabilities(trained_registry, version, images)
+    calls_before, ones_before = batch_histogram(service)
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=64))
+
+    def one(i: int) -> dict:
+        answer = session.post(f"{service.url}/predict", json=images[i].tolist(), timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.json()[0]
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        answers = list(pool.map(one, range(len(images))))
+    np.testing.assert_allclose([a["probabilities"] for a in answers], expected, atol=1e-5)
+    calls_after, ones_after = batch_histogram(service)
+    calls, single = calls_after - calls_before, ones_after - ones_before
+    assert calls < len(images), "every request was its own model call: nothing was batched"
+    assert calls - single > 0, "no model call held more than one image"
+
+
+def test_hot_reload_switches_version_without_failed_or_mixed_requests(service, trained_registry, sample):
+    before = served_version(service)
+    trained = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
+                            "--set", "registry.accuracy_floor=1.0",
+                            "--set", f"export.base_dir={trained_registry.workdir / 'exports'}"],
+                           trained_registry.env, trained_registry.workdir)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    new_version = last_json_line(trained.stdout)["model_version"]
+    assert new_version != before
+
+    stop = threading.Event()
+    seen: list[list[str]] = [[] for _ in range(8)]
+    failures: list[str] = []
+    images = sample["x_test"][:4].tolist()
+
+    def hammer(slot: int) -> None:
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            answer = requests.post(f"{service.url}/predict", json=images, timeout=30)
+            if answer.status_code != 200:
+                failures.append(answer.text)
+                continue
+            versions = {p["model_version"] for p in answer.json()}
+            if len(versions) != 1:
+                failures.append(f"mixed versions in one answer: {versions}")
+            seen[slot].append(versions.pop())
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        promoted = run_pipeline(["promote", new_version], trained_registry.env, trained_registry.workdir)
+        assert promoted.returncode == 0, promoted.stderr
+        deadline = time.monotonic() + 60
+        while served_version(service) != new_version and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert served_version(service) == new_version
+    assert not failures, failures[:3]
+    for versions in seen:
+        switch = versions.index(new_version) if new_version in versions else len(versions)
+        assert set(versions[:switch]) <= {before} and set(versions[switch:]) <= {new_version}
+
+    answer = requests.post(f"{service.url}/predict", json=sample["x_test"][:8].tolist(), timeout=30).json()
+    expected = saved_model_probabilities(trained_registry, new_version, sample["x_test"][:8])
+    np.testing.assert_allclose([p["probabilities"] for p in answer], expected, atol=1e-5)
+
+    # back by hand, through the guarded admin endpoint
+    assert run_pipeline(["promote", before], trained_registry.env, trained_registry.workdir).returncode == 0
+    assert requests.post(f"{service.url}/admin/reload", timeout=30).status_code == 401
+    assert requests.post(f"{service.url}/admin/reload", headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    reloaded = requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60)
+    assert reloaded.status_code == 200 and reloaded.json()["version"] == before
+    assert served_version(service) == before
+
+
+def test_no_model_to_load_fails_with_one_clear_line(tmp_path, trained_registry):
+    env = {**trained_registry.env, "MODEL_URI": "models:/no-such-model@champion"}
+    running = start_service(env, tmp_path / "service.log", timeout=120)
+    try:
+        assert running.process.wait(timeout=120) == 3
+    finally:
+        stop_service(running)
+    log = running.log()
+    assert "cannot start, no model to serve" in log and "no-such-model" in log
+    assert "Traceback" not in log
+
+
+def test_admin_endpoint_is_off_without_a_token(tmp_path, trained_registry):
+    env = {**trained_registry.env, "MODEL_URI": str(trained_registry.workdir / "exports" / "mnist"), "ADMIN_TOKEN": ""}
+    running = start_service(env, tmp_path / "service.log")
+    try:
+        assert requests.post(f"{running.url}/admin/reload", headers={"Authorization": "Bearer x"}, timeout=10).status_code == 404
+        info = requests.get(f"{running.url}/model", timeout=10).json()
+        assert info["path"].endswith(tuple(f"/{v}" for v in "123456789"))  # the highest numbered export
+    finally:
+        stop_service(running)
