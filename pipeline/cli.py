@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import ConfigError
     from pipeline.data import DataError
-    from pipeline.export import ExportError
+    from pipeline.errors import ExportError
 
     try:
         return args.handler(args)

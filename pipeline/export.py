@@ -15,12 +15,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.errors import ExportError
+
 SERVABLE_NAME = "mnist"
 SIGNATURE = "serving_default"
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def export_to_staging(model: keras.Model, export_base: Path) -> Path:

@@ -40,11 +40,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process: this repo importable, this venv's commands on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PATH": path, **(extra or {})}
+
+
 def run_pipeline(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m pipeline ...`` as a user would, in its own process."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
+        cwd=cwd, env=subprocess_env(env),
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -85,7 +91,7 @@ def start_service(env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, ti
     process = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "service:Digits", "--host", "127.0.0.1", "--port", str(port),
          "--working-dir", str(REPO_ROOT)],
-        cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
+        cwd=cwd, env=subprocess_env(env),
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     service = RunningService(f"http://127.0.0.1:{port}", process, log_path)

@@ -17,7 +17,7 @@ import requests
 import tensorflow as tf
 from mlflow import MlflowClient
 
-from tests.conftest import REPO_ROOT, SAMPLE_NPZ, free_port, last_json_line, run_pipeline
+from tests.conftest import SAMPLE_NPZ, free_port, last_json_line, run_pipeline, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +155,7 @@ def test_failure_at_export_leaves_no_export_and_registers_nothing(tmp_path):
 
 
 def test_ctrl_c_marks_the_run_failed(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **fresh_store(tmp_path)}
+    env = subprocess_env(fresh_store(tmp_path))
     proc = subprocess.Popen(
         [sys.executable, "-u", "-m", "pipeline", "train", "--config", "seed", "--data", str(SAMPLE_NPZ),
          "--set", "epochs=200", "--set", f"export.base_dir={tmp_path / 'exports'}"],
@@ -187,7 +187,7 @@ def test_mlflow_models_serve_answers_with_the_champion(trained_registry, sample)
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-cnn@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, **trained_registry.env}, cwd=trained_registry.workdir,
+        env=subprocess_env(trained_registry.env), cwd=trained_registry.workdir,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )
     try:
@@ -208,5 +208,6 @@ def test_mlflow_models_serve_answers_with_the_champion(trained_registry, sample)
         expected = serve(pixels=tf.constant(images))["probabilities"].numpy()
         np.testing.assert_allclose(predictions, expected, atol=1e-5)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
