@@ -1,6 +1,12 @@
 #!/bin/sh
 # MLflow tracking server: PostgreSQL backend store, artifacts proxied to S3 (or any artifact URI).
 # The same command runs in the compose stack and in the integration test (tests/stack).
+# S3 access: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_S3_ENDPOINT_URL (MinIO); clients need none,
+# since the server proxies artifacts (--serve-artifacts).
+# --allowed-hosts must list the host names clients use (mlflow:5000 in compose): others get 403,
+# while /health still answers 200.
+# Optional basic auth: pass --app-name basic-auth and set MLFLOW_AUTH_ADMIN_PASSWORD and
+# MLFLOW_FLASK_SERVER_SECRET_KEY (no defaults).
 set -eu
 : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI, e.g. postgresql://mlflow:PASSWORD@postgres:5432/mlflow}"
 : "${MLFLOW_ARTIFACTS_DESTINATION:?set MLFLOW_ARTIFACTS_DESTINATION, e.g. s3://mlflow-artifacts}"

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import data as data_module
 from pipeline import evaluate, export, register, tracking
 from pipeline.config import PipelineConfig
-from pipeline.train import as_model_input, configure_devices, train
+from pipeline.train import TrainResult, as_model_input, configure_devices, train
 
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 VERIFY_BATCH = 512
@@ -68,7 +68,8 @@ def run_training(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Call
         return _export_and_register(cfg, result, evaluation, splits, run_id, say)
 
 
-def _export_and_register(cfg, result, evaluation, splits, run_id, say) -> JobResult:
+def _export_and_register(cfg: PipelineConfig, result: TrainResult, evaluation: evaluate.Evaluation,
+                         splits: data_module.Splits, run_id: str, say: Callable[[str], None]) -> JobResult:
     name = cfg.registry.model_name
     staging = export.export_to_staging(result.model, Path(cfg.export.base_dir))
     try:

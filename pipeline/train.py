@@ -30,6 +30,14 @@ def as_model_input(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32)[..., None]
 
 
+def _dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Batches of (raw-pixel float images, one-hot labels), reshuffled every epoch when seeded."""
+    dataset = tf.data.Dataset.from_tensor_slices((as_model_input(images), keras.utils.to_categorical(labels, 10)))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 def configure_devices(cfg: TrainingConfig) -> None:
     """Thread pools and logical CPU devices; must run before TensorFlow touches a device."""
     if cfg.inter_op_threads:
@@ -80,11 +88,9 @@ def train(cfg: PipelineConfig, splits: Splits) -> TrainResult:
 
     started = time.perf_counter()
     history = model.fit(
-        as_model_input(splits.x_train),
-        keras.utils.to_categorical(splits.y_train, 10),
-        validation_data=(as_model_input(splits.x_val), keras.utils.to_categorical(splits.y_val, 10)),
+        _dataset(splits.x_train, splits.y_train, tcfg.batch_size, shuffle_seed=cfg.seed),
+        validation_data=_dataset(splits.x_val, splits.y_val, tcfg.batch_size),
         epochs=tcfg.epochs,
-        batch_size=tcfg.batch_size,
         callbacks=callbacks,
         verbose=1 if sys.stdout.isatty() else 2,
     )

@@ -26,7 +26,9 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.conftest import SAMPLE_NPZ, start_service, stop_service  # noqa: E402
+from service.launcher import start_service, stop_service  # noqa: E402
+
+SAMPLE_NPZ = REPO / "tests" / "fixtures" / "mnist-sample.npz"
 
 LUA = """
 wrk.method = "POST"

@@ -1,5 +1,16 @@
-"""Digits prediction service (BentoML). Start it with ``bentoml serve service:Digits``."""
+"""Digits prediction service (BentoML). Start it with ``bentoml serve service:Digits``.
 
-from service.service import Digits
+``Digits`` is imported on first use, so helpers such as :mod:`service.launcher` stay light.
+"""
+
+from typing import Any
 
 __all__ = ["Digits"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Digits":
+        from service.service import Digits
+
+        return Digits
+    raise AttributeError(f"module 'service' has no attribute {name!r}")

@@ -14,6 +14,7 @@ import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import PlainValidator, WithJsonSchema
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
 from service import tfserving
@@ -118,7 +119,7 @@ class Digits:
             pixels = pixels_from_image_bytes(data)
         except InputError as exc:
             return error(400, str(exc))
-        prediction = self._predict(pixels[None])
+        prediction = await run_in_threadpool(self._predict, pixels[None])
         return JSONResponse({**answers(prediction)[0], "pixels": pixels.tolist()})
 
     @extras.get("/model")
@@ -158,7 +159,7 @@ class Digits:
             pixels, columnar = tfserving.parse_predict_request(body, SETTINGS.max_images_per_request)
         except InputError as exc:
             return tfserving.error(400, str(exc))
-        probabilities, digits = model.predict(pixels)
+        probabilities, digits = await run_in_threadpool(model.predict, pixels)
         batch_images.observe(len(pixels))
         return JSONResponse(tfserving.predict_response(probabilities, digits, columnar),
                             headers={"X-Model-Version": model.info.version})

@@ -7,20 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def _int(name: str, default: int) -> int:
+def _number(name: str, default: float, cast: type = int) -> float:
     value = os.environ.get(name)
     try:
-        return int(value) if value not in (None, "") else default
+        return cast(value) if value not in (None, "") else default
     except ValueError:
-        raise SystemExit(f"configuration error: {name}={value!r} is not an integer") from None
+        raise SystemExit(f"configuration error: {name}={value!r} is not a {cast.__name__}") from None
+
+
+def _int(name: str, default: int) -> int:
+    return int(_number(name, default, int))
 
 
 def _float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    try:
-        return float(value) if value not in (None, "") else default
-    except ValueError:
-        raise SystemExit(f"configuration error: {name}={value!r} is not a number") from None
+    return _number(name, default, float)
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
+
+from service.launcher import child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -34,23 +32,11 @@ def sample() -> dict[str, np.ndarray]:
         return {key: npz[key] for key in npz.files}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child process: this repo importable, this venv's commands on PATH."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PATH": path, **(extra or {})}
-
-
 def run_pipeline(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m pipeline ...`` as a user would, in its own process."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd, env=subprocess_env(env),
+        cwd=cwd, env=child_env(env),
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -72,51 +58,6 @@ class TrainedRegistry:
     @property
     def export_path(self) -> Path:
         return Path(self.result["export_path"])
-
-
-@dataclass
-class RunningService:
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def start_service(env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, timeout: float = 180) -> RunningService:
-    """``bentoml serve service:Digits`` on a free loopback port; returns once /readyz says 200."""
-    port = free_port()
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service:Digits", "--host", "127.0.0.1", "--port", str(port),
-         "--working-dir", str(REPO_ROOT)],
-        cwd=cwd, env=subprocess_env(env),
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    service = RunningService(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return service  # exited: the caller looks at the return code and the log
-        try:
-            if requests.get(f"{service.url}/readyz", timeout=2).status_code == 200:
-                return service
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    stop_service(service)
-    raise AssertionError(f"service did not become ready in {timeout}s:\n{service.log()[-3000:]}")
-
-
-def stop_service(service: RunningService) -> None:
-    if service.process.poll() is None:
-        os.killpg(service.process.pid, signal.SIGTERM)
-        try:
-            service.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.process.pid, signal.SIGKILL)
-            service.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ import requests
 import tensorflow as tf
 from mlflow import MlflowClient
 
-from tests.conftest import SAMPLE_NPZ, free_port, last_json_line, run_pipeline, subprocess_env
+from service.launcher import child_env, free_port
+from tests.conftest import SAMPLE_NPZ, last_json_line, run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +156,7 @@ def test_failure_at_export_leaves_no_export_and_registers_nothing(tmp_path):
 
 
 def test_ctrl_c_marks_the_run_failed(tmp_path):
-    env = subprocess_env(fresh_store(tmp_path))
+    env = child_env(fresh_store(tmp_path))
     proc = subprocess.Popen(
         [sys.executable, "-u", "-m", "pipeline", "train", "--config", "seed", "--data", str(SAMPLE_NPZ),
          "--set", "epochs=200", "--set", f"export.base_dir={tmp_path / 'exports'}"],
@@ -187,7 +188,7 @@ def test_mlflow_models_serve_answers_with_the_champion(trained_registry, sample)
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-cnn@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=subprocess_env(trained_registry.env), cwd=trained_registry.workdir,
+        env=child_env(trained_registry.env), cwd=trained_registry.workdir,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )
     try:

@@ -14,7 +14,8 @@ import requests
 import tensorflow as tf
 from PIL import Image
 
-from tests.conftest import SAMPLE_NPZ, RunningService, last_json_line, run_pipeline, start_service, stop_service
+from service.launcher import RunningService, start_service, stop_service
+from tests.conftest import SAMPLE_NPZ, last_json_line, run_pipeline
 
 pytestmark = pytest.mark.slow
 ADMIN_TOKEN = "test-admin-token"
@@ -102,7 +103,9 @@ def test_tensorflow_serving_rest_formats(service, trained_registry, sample):
     assert missing.status_code == 404 and "error" in missing.json()
 
 
-def test_image_upload_agrees_with_the_pixels_it_came_from(service, sample):
+def test_image_upload_is_preprocessed_like_mnist_and_answered_like_its_pixels(service, sample):
+    """A JPEG photo-like upload (dark ink on light paper, 6x larger) comes back as the MNIST digit it
+    was made from, and is answered as /predict answers those pixels."""
     agree = 0
     for image in sample["x_test"][:20]:
         paper = Image.fromarray(255 - image).resize((168, 168), Image.Resampling.BICUBIC).convert("RGB")
@@ -111,10 +114,14 @@ def test_image_upload_agrees_with_the_pixels_it_came_from(service, sample):
         upload = requests.post(f"{service.url}/predict_image",
                                files={"image": ("digit.jpg", buffer.getvalue(), "image/jpeg")}, timeout=30)
         assert upload.status_code == 200, upload.text
-        direct = requests.post(f"{service.url}/predict", json=image.tolist(), timeout=30).json()[0]
-        agree += upload.json()["digit"] == direct["digit"]
-        assert np.asarray(upload.json()["pixels"]).shape == (28, 28)
-    assert agree >= 18
+        seen = np.asarray(upload.json()["pixels"], dtype=float)
+        assert np.corrcoef(seen.ravel(), image.astype(float).ravel())[0, 1] > 0.85
+        same_pixels = requests.post(f"{service.url}/predict", json=seen.astype(int).tolist(), timeout=30).json()[0]
+        assert upload.json()["digit"] == same_pixels["digit"]
+        assert upload.json()["model_version"] == same_pixels["model_version"]
+        original = requests.post(f"{service.url}/predict", json=image.tolist(), timeout=30).json()[0]
+        agree += upload.json()["digit"] == original["digit"]
+    assert agree >= 14  # the test model is trained for one epoch on 1,800 digits: its margins are thin
 
 
 BAD_REQUESTS = [

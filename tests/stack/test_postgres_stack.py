@@ -19,7 +19,8 @@ import requests
 import tensorflow as tf
 import yaml
 
-from tests.conftest import REPO_ROOT, SAMPLE_NPZ, free_port, last_json_line, run_pipeline, start_service, stop_service, subprocess_env
+from service.launcher import REPO_ROOT, child_env, free_port, start_service, stop_service
+from tests.conftest import SAMPLE_NPZ, last_json_line, run_pipeline
 
 pytestmark = pytest.mark.slow
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -48,7 +49,7 @@ def tracking_server(postgres_database, tmp_path_factory):
     artifacts = tmp_path_factory.mktemp("artifacts")
     port = free_port()
     log_path = tmp_path_factory.mktemp("mlflow") / "mlflow.log"
-    env = subprocess_env({"MLFLOW_BACKEND_STORE_URI": postgres_database, "MLFLOW_ARTIFACTS_DESTINATION": artifacts.as_uri(),
+    env = child_env({"MLFLOW_BACKEND_STORE_URI": postgres_database, "MLFLOW_ARTIFACTS_DESTINATION": artifacts.as_uri(),
                           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
                           "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port},127.0.0.1,localhost:{port}"})
     with log_path.open("w") as log:

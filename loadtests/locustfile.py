@@ -1,0 +1,139 @@
+"""Locust users for each way the Digits service is used. Keep this file free of the project's heavy
+imports (mlflow, requests, tensorflow): Locust monkey-patches with gevent, and importing those first
+ends in a RecursionError. Run it in its own process (or the compose `locust` service).
+
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:3000 SingleImageUser
+    locust -f loadtests/locustfile.py --host ... --tags batch upload
+
+Every answer is checked: status, shape, and that the predicted digit matches the label for most
+requests (a ``wrong digit`` failure is counted when a whole answer disagrees with its labels more than
+the tolerated share).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+from pathlib import Path
+
+from locust import FastHttpUser, constant, constant_throughput, tag, task
+
+DIGITS = json.loads((Path(__file__).parent / "digits.json").read_text())["digits"]
+BATCH_SIZE = int(os.environ.get("LOAD_BATCH_SIZE", "256"))
+RATE_PER_USER = float(os.environ.get("LOAD_RATE_PER_USER", "0"))  # >0: open loop at this many requests/s per user
+MIN_CORRECT = float(os.environ.get("LOAD_MIN_CORRECT", "0.8"))  # per batch answer
+
+
+def _check(response, labels: list[int], digits: list[int]) -> None:
+    if len(digits) != len(labels):
+        response.failure(f"expected {len(labels)} answers, got {len(digits)}")
+        return
+    correct = sum(d == l for d, l in zip(digits, labels))
+    # one image: a single wrong digit is a model error, not a service error; only batches are judged
+    if len(labels) > 1 and correct < MIN_CORRECT * len(labels):
+        response.failure(f"wrong digits: {correct}/{len(labels)} correct")
+
+
+class _DigitsUser(FastHttpUser):
+    abstract = True
+    wait_time = constant_throughput(RATE_PER_USER) if RATE_PER_USER > 0 else constant(0)
+
+    def _post_json(self, path: str, body: object, name: str, labels: list[int], parse) -> None:
+        with self.client.post(path, data=json.dumps(body), headers={"Content-Type": "application/json"},
+                              name=name, catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            try:
+                digits = parse(response.json())
+            except (ValueError, KeyError, TypeError) as exc:
+                response.failure(f"unexpected answer shape: {exc}")
+                return
+            _check(response, labels, digits)
+
+
+def _predict_digits(answer: list[dict]) -> list[int]:
+    for item in answer:
+        if len(item["probabilities"]) != 10 or not item["model_version"]:
+            raise ValueError("each answer needs 10 probabilities and a model_version")
+    return [item["digit"] for item in answer]
+
+
+class SingleImageUser(_DigitsUser):
+    """One image per request as JSON: the adaptive-batching path."""
+
+    @tag("single")
+    @task
+    def predict_one(self) -> None:
+        digit = random.choice(DIGITS)
+        self._post_json("/predict", digit["pixels"], "/predict [1 image]", [digit["label"]], _predict_digits)
+
+
+class BatchUser(_DigitsUser):
+    """LOAD_BATCH_SIZE images per request as base64 raw pixels (the compact encoding)."""
+
+    @tag("batch")
+    @task
+    def predict_batch(self) -> None:
+        chosen = random.choices(DIGITS, k=BATCH_SIZE)
+        raw = bytes(value for digit in chosen for row in digit["pixels"] for value in row)
+        self._post_json("/predict", {"b64": base64.b64encode(raw).decode()}, f"/predict [{BATCH_SIZE} images]",
+                        [d["label"] for d in chosen], _predict_digits)
+
+
+class UploadUser(_DigitsUser):
+    """A PNG of a digit, dark ink on light paper, as a multipart upload."""
+
+    @tag("upload")
+    @task
+    def predict_image(self) -> None:
+        digit = random.choice(DIGITS)
+        files = {"image": ("digit.png", base64.b64decode(digit["png_b64"]), "image/png")}
+        with self.client.post("/predict_image", files=files, name="/predict_image", catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            answer = response.json()
+            if len(answer.get("probabilities", [])) != 10:
+                response.failure("answer needs 10 probabilities")
+
+
+class TFServingUser(_DigitsUser):
+    """TensorFlow Serving's REST row format, 8 instances per request."""
+
+    @tag("tfserving")
+    @task
+    def tf_predict(self) -> None:
+        chosen = random.choices(DIGITS, k=8)
+        self._post_json("/v1/models/mnist:predict", {"instances": [d["pixels"] for d in chosen]},
+                        "/v1/models/mnist:predict [8]", [d["label"] for d in chosen],
+                        lambda answer: [p["digit"] for p in answer["predictions"]])
+
+
+class MlflowSingleUser(_DigitsUser):
+    """MLflow's scoring server (`mlflow models serve`), one image per request, its /invocations format."""
+
+    @tag("mlflow")
+    @task
+    def invocations_one(self) -> None:
+        digit = random.choice(DIGITS)
+        body = {"inputs": [[[[v] for v in row] for row in digit["pixels"]]]}
+        self._post_json("/invocations", body, "/invocations [1 image]", [digit["label"]], _argmax_predictions)
+
+
+class MlflowBatchUser(_DigitsUser):
+    """MLflow's scoring server with LOAD_BATCH_SIZE images per request."""
+
+    @tag("mlflow")
+    @task
+    def invocations_batch(self) -> None:
+        chosen = random.choices(DIGITS, k=BATCH_SIZE)
+        body = {"inputs": [[[[v] for v in row] for row in d["pixels"]] for d in chosen]}
+        self._post_json("/invocations", body, f"/invocations [{BATCH_SIZE} images]", [d["label"] for d in chosen],
+                        _argmax_predictions)
+
+
+def _argmax_predictions(answer: dict) -> list[int]:
+    return [max(range(10), key=row.__getitem__) for row in answer["predictions"]]

@@ -1,0 +1,43 @@
+"""CI runs the `smoke` load profile against the real service: a correctness and zero-failure check."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from service.launcher import REPO_ROOT, child_env, start_service, stop_service
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_profile_passes_against_the_real_service(trained_registry, tmp_path):
+    service = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
+    try:
+        assert service.process.poll() is None, service.log()[-3000:]
+        run = subprocess.run([sys.executable, "-m", "loadtests.run", "smoke", "--host", service.url, "--out", str(tmp_path)],
+                             cwd=REPO_ROOT, env=child_env({"LOAD_MIN_CORRECT": "0"}), capture_output=True, text=True, timeout=300)
+    finally:
+        stop_service(service)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (report,) = [p for p in tmp_path.iterdir() if p.name.endswith("-smoke")]
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["passed"] and summary["stats"]["failures"] == 0 and summary["stats"]["requests"] > 20
+    assert (report / "chart.png").stat().st_size > 0 and (report / "report.html").exists()
+    assert (report / "locust_stats.csv").exists()
+
+
+def test_a_broken_slo_fails_the_run_and_says_which(trained_registry, tmp_path):
+    profiles = tmp_path / "profiles"
+    service = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c",
+             "import sys, loadtests.run as r; p = r.load_profiles(); p['smoke']['slo']['min_rps'] = 10**9; "
+             "r.load_profiles = lambda: p; sys.exit(r.main(sys.argv[1:]))",
+             "smoke", "--host", service.url, "--out", str(profiles)],
+            cwd=REPO_ROOT, env=child_env({"LOAD_MIN_CORRECT": "0"}), capture_output=True, text=True, timeout=300)
+    finally:
+        stop_service(service)
+    assert run.returncode == 1
+    assert "SLO BROKEN: throughput" in run.stderr
