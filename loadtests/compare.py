@@ -31,7 +31,9 @@ from service.launcher import child_env, free_port, start_service, stop_service  
 
 SERVERS = {
     "service, batching on": {"env": {}, "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},
-    "service, batching off": {"env": {"BATCH_MAX_SIZE": "1"},
+    "service, batching on, 2 workers": {"env": {"SERVICE_WORKERS": "2"},
+                                        "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},
+    "service, batching off": {"env": {"BATCHING": "off"},
                               "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},
     "mlflow models serve": {"mlflow": True,
                             "users": {"steady": "MlflowSingleUser", "rate": "MlflowSingleUser", "batch": "MlflowBatchUser"}},

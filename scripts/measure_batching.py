@@ -2,7 +2,7 @@
 
     python scripts/measure_batching.py --model-uri exports/mnist [--connections 64] [--duration 20]
 
-Starts the service twice on a free loopback port (batching on: the defaults; off: BATCH_MAX_SIZE=1),
+Starts the service twice on a free loopback port (batching on: the defaults; off: BATCHING=off),
 drives each with ``wrk`` (Debian package ``wrk``: a C load generator, light on the shared CPU) from
 64 closed-loop connections sending one real MNIST digit per request, and prints requests/s, p50/p99
 latency, non-2xx answers and the CPU the load generator itself used.
@@ -66,6 +66,8 @@ def main() -> int:
     parser.add_argument("--model-uri", required=True, help="MODEL_URI for the service (registry URI or local export)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=int, default=20)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra service setting for both runs, e.g. ACCESS_LOG=off")
     args = parser.parse_args()
 
     with np.load(SAMPLE_NPZ) as sample:
@@ -77,8 +79,9 @@ def main() -> int:
     lua.write_text(LUA.format(body=body))
 
     results = {}
-    for mode, env in {"batching on": {}, "batching off": {"BATCH_MAX_SIZE": "1"}}.items():
-        service = start_service({"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0", **env},
+    for mode, env in {"batching on": {}, "batching off": {"BATCHING": "off"}}.items():
+        extra = dict(item.split("=", 1) for item in args.env)
+        service = start_service({"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0", **extra, **env},
                                 workdir / f"{mode.replace(' ', '-')}.log", cwd=Path.cwd())
         try:
             assert requests.post(f"{service.url}/predict", data=body.read_bytes(),

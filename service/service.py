@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from pydantic import PlainValidator, WithJsonSchema
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +36,35 @@ PixelBatch = Annotated[
     PlainValidator(lambda value: pixels_from_json(value, SETTINGS.max_images_per_request, "request body")),
     WithJsonSchema(PIXEL_BATCH_SCHEMA),
 ]
+
+def _predict_signature(images: PixelBatch, /) -> list[dict[str, Any]]:
+    """The shape of ``Digits.predict``, for BentoML to build its input and output models from."""
+    raise NotImplementedError
+
+
+class PredictInput(bentoml.IODescriptor.from_input(_predict_signature)):  # type: ignore[misc]
+    """BentoML's root-input model for ``/predict``, declared JSON and parsed with orjson.
+
+    BentoML 1.4's root models rebuild a pydantic TypeAdapter and JSON schema on every request, to
+    parse the body and again to pick the media type: py-spy put that at over half the server's CPU
+    under load. A declared media type and a direct parse skip both.
+    """
+
+    media_type = "application/json"
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> "PredictInput":
+        return cls.model_validate(orjson.loads(json_data), **kwargs)
+
+
+class PredictOutput(bentoml.IODescriptor.from_output(_predict_signature)):  # type: ignore[misc]
+    media_type = "application/json"
+
+
+BATCHING = (
+    {"batchable": True, "max_batch_size": SETTINGS.batch_max_size, "max_latency_ms": SETTINGS.batch_max_latency_ms}
+    if SETTINGS.batching else {"batchable": False}
+)
 
 extras = FastAPI(title="Digits: model info, image upload, TensorFlow Serving REST, admin")
 
@@ -62,6 +92,7 @@ def error(status: int, message: str) -> JSONResponse:
     name="digits",
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    logging={"access": {"enabled": SETTINGS.access_log}},
 )
 class Digits:
     def __init__(self) -> None:
@@ -94,7 +125,7 @@ class Digits:
         batch_images.observe(len(pixels))
         return self.runtime.predict(pixels)
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.batch_max_size, max_latency_ms=SETTINGS.batch_max_latency_ms)
+    @bentoml.api(input_spec=PredictInput, output_spec=PredictOutput, **BATCHING)
     def predict(self, images: PixelBatch, /) -> list[dict[str, Any]]:
         """Digits for one image or a list of images: per image the digit, its 10 probabilities and
         the model version. Concurrent requests are merged into one model call (adaptive batching)."""

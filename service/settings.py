@@ -15,6 +15,17 @@ def _number(name: str, default: float, cast: type = int) -> float:
         raise SystemExit(f"configuration error: {name}={value!r} is not a {cast.__name__}") from None
 
 
+def _bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "default"):
+        return default
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise SystemExit(f"configuration error: {name}={value!r} is not on/off (true/false, 1/0)")
+
+
 def _int(name: str, default: int) -> int:
     return int(_number(name, default, int))
 
@@ -31,11 +42,17 @@ class Settings:
     admin_token: str | None
     max_images_per_request: int
     max_body_bytes: int
+    batching: bool
     batch_max_size: int
     batch_max_latency_ms: int
     workers: int
     timeout_s: int
     max_concurrency: int
+    access_log: bool
+
+    def __post_init__(self) -> None:
+        if self.batching and self.batch_max_size < 2:
+            raise SystemExit("configuration error: BATCH_MAX_SIZE must be at least 2; set BATCHING=off to turn batching off")
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -46,11 +63,13 @@ class Settings:
             admin_token=os.environ.get("ADMIN_TOKEN") or None,
             max_images_per_request=_int("MAX_IMAGES_PER_REQUEST", 1024),
             max_body_bytes=_int("MAX_BODY_BYTES", 16 * 1024 * 1024),
+            batching=_bool("BATCHING", True),
             batch_max_size=_int("BATCH_MAX_SIZE", 128),
             batch_max_latency_ms=_int("BATCH_MAX_LATENCY_MS", 1000),
             workers=_int("SERVICE_WORKERS", 1),
             timeout_s=_int("SERVICE_TIMEOUT_S", 30),
             max_concurrency=_int("SERVICE_MAX_CONCURRENCY", 512),
+            access_log=_bool("ACCESS_LOG", False),
         )
 
 

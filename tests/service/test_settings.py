@@ -1,0 +1,23 @@
+import pytest
+
+from service.settings import Settings
+
+
+def test_batching_switch_and_its_errors(monkeypatch):
+    monkeypatch.setenv("BATCHING", "off")
+    monkeypatch.setenv("BATCH_MAX_SIZE", "1")
+    assert Settings.from_env().batching is False  # a size of 1 is fine when batching is off
+
+    monkeypatch.setenv("BATCHING", "on")
+    with pytest.raises(SystemExit, match="BATCH_MAX_SIZE must be at least 2; set BATCHING=off"):
+        Settings.from_env()
+
+    monkeypatch.setenv("BATCHING", "sometimes")
+    with pytest.raises(SystemExit, match="BATCHING='sometimes' is not on/off"):
+        Settings.from_env()
+
+
+def test_numbers_are_checked(monkeypatch):
+    monkeypatch.setenv("SERVICE_WORKERS", "two")
+    with pytest.raises(SystemExit, match="SERVICE_WORKERS='two' is not a int"):
+        Settings.from_env()
