@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import gc
 import hmac
 import logging
 import sys
@@ -103,6 +104,11 @@ class Digits:
             logger.critical("cannot start: no model to serve: %s", exc)
             raise SystemExit(3) from None
         logger.info("serving %s version %s (%s)", info.name, info.version, info.source)
+        # TensorFlow, MLflow and BentoML leave ~0.5 M long-lived objects; a full collection walks them
+        # all (~200 ms, measured), a stall every few seconds under load. Freezing them keeps the
+        # collector to what requests allocate.
+        gc.collect()
+        gc.freeze()
 
     @bentoml.on_deployment
     def check_model_source() -> None:
