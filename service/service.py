@@ -59,7 +59,12 @@ class PredictInput(bentoml.IODescriptor.from_input(_predict_signature)):  # type
 
 
 class PredictOutput(bentoml.IODescriptor.from_output(_predict_signature)):  # type: ignore[misc]
+    """BentoML's output model for ``/predict``, declared JSON and written with orjson."""
+
     media_type = "application/json"
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        return orjson.dumps(self.root).decode()
 
 
 BATCHING = (

@@ -64,7 +64,7 @@ class Settings:
             max_images_per_request=_int("MAX_IMAGES_PER_REQUEST", 1024),
             max_body_bytes=_int("MAX_BODY_BYTES", 16 * 1024 * 1024),
             batching=_bool("BATCHING", True),
-            batch_max_size=_int("BATCH_MAX_SIZE", 128),
+            batch_max_size=_int("BATCH_MAX_SIZE", 1024),
             batch_max_latency_ms=_int("BATCH_MAX_LATENCY_MS", 1000),
             workers=_int("SERVICE_WORKERS", 1),
             timeout_s=_int("SERVICE_TIMEOUT_S", 30),
