@@ -131,21 +131,26 @@ def main() -> int:
     return 0
 
 
+def _answered_per_s(stats: dict) -> float:
+    """Requests/s that got a correct answer: failures (e.g. 503 when overloaded) carry no images."""
+    return stats["requests_per_s"] * (1 - stats["failure_ratio"])
+
+
 def markdown(rows: dict, args: argparse.Namespace) -> str:
     batched = rows["service, batching on"]["steady"]["requests_per_s"]
     lines = [
         "# Serving benchmark", "",
         f"`python -m loadtests.compare --model-uri {args.model_uri} --run-time {args.run_time}` — "
         f"{datetime.now(timezone.utc):%Y-%m-%d}, {platform.machine()}, {os.cpu_count()} CPUs shared by the servers and Locust.", "",
-        "| server | 64 users: req/s | p50 ms | p99 ms | failures | 500 req/s open loop: p99 ms | 256-image requests: images/s | peak RSS MiB | Locust CPU (cores) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | 64 users: req/s | p50 ms | p99 ms | failures | open loop at 500 req/s: achieved req/s | p99 ms | 256-image requests: images/s | peak RSS MiB | Locust CPU (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows.items():
         steady, rate, batch = r["steady"], r["rate"], r["batch"]
         lines.append(
             f"| {name} | {steady['requests_per_s']:.0f} | {steady['p50_ms']:.0f} | {steady['p99_ms']:.0f} | "
-            f"{steady['failures'] + rate['failures'] + batch['failures']} | {rate['p99_ms']:.0f} | "
-            f"{batch['requests_per_s'] * 256:.0f} | {r['peak_rss_mib']:.0f} | {steady['load_generator_cpu_cores']:.2f} |"
+            f"{steady['failures'] + rate['failures'] + batch['failures']} | {rate['requests_per_s']:.0f} | {rate['p99_ms']:.0f} | "
+            f"{_answered_per_s(batch) * 256:.0f} | {r['peak_rss_mib']:.0f} | {steady['load_generator_cpu_cores']:.2f} |"
         )
     mlflow_rps = rows["mlflow models serve"]["steady"]["requests_per_s"]
     off_rps = rows["service, batching off"]["steady"]["requests_per_s"]
