@@ -78,9 +78,9 @@ def main() -> int:
     lua = workdir / "post.lua"
     lua.write_text(LUA.format(body=body))
 
+    extra = dict(item.split("=", 1) for item in args.env)
     results = {}
     for mode, env in {"batching on": {}, "batching off": {"BATCHING": "off"}}.items():
-        extra = dict(item.split("=", 1) for item in args.env)
         service = start_service({"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0", **extra, **env},
                                 workdir / f"{mode.replace(' ', '-')}.log", cwd=Path.cwd())
         try:

@@ -38,6 +38,7 @@ PixelBatch = Annotated[
     WithJsonSchema(PIXEL_BATCH_SCHEMA),
 ]
 
+
 def _predict_signature(images: PixelBatch, /) -> list[dict[str, Any]]:
     """The shape of ``Digits.predict``, for BentoML to build its input and output models from."""
     raise NotImplementedError

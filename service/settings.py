@@ -56,15 +56,16 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> "Settings":
+        max_images = _int("MAX_IMAGES_PER_REQUEST", 1024)
         return cls(
             model_uri=os.environ.get("MODEL_URI", "models:/mnist-cnn@champion"),
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}",
             reload_poll_seconds=_float("MODEL_POLL_SECONDS", 30.0),
             admin_token=os.environ.get("ADMIN_TOKEN") or None,
-            max_images_per_request=_int("MAX_IMAGES_PER_REQUEST", 1024),
+            max_images_per_request=max_images,
             max_body_bytes=_int("MAX_BODY_BYTES", 16 * 1024 * 1024),
             batching=_bool("BATCHING", True),
-            batch_max_size=_int("BATCH_MAX_SIZE", 1024),
+            batch_max_size=_int("BATCH_MAX_SIZE", max_images),  # never split a request
             batch_max_latency_ms=_int("BATCH_MAX_LATENCY_MS", 1000),
             workers=_int("SERVICE_WORKERS", 1),
             timeout_s=_int("SERVICE_TIMEOUT_S", 30),

@@ -21,3 +21,10 @@ def test_numbers_are_checked(monkeypatch):
     monkeypatch.setenv("SERVICE_WORKERS", "two")
     with pytest.raises(SystemExit, match="SERVICE_WORKERS='two' is not a int"):
         Settings.from_env()
+
+
+def test_batches_hold_the_largest_request_so_none_is_split(monkeypatch):
+    monkeypatch.setenv("MAX_IMAGES_PER_REQUEST", "64")
+    assert Settings.from_env().batch_max_size == 64
+    monkeypatch.setenv("BATCH_MAX_SIZE", "16")
+    assert Settings.from_env().batch_max_size == 16
