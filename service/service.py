@@ -9,6 +9,7 @@ import gc
 import hmac
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
@@ -17,7 +18,7 @@ import orjson
 from fastapi import FastAPI, Request
 from pydantic import PlainValidator, WithJsonSchema
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 
 from service import tfserving
 from service.inputs import InputError, pixels_from_image_bytes, pixels_from_json
@@ -26,6 +27,7 @@ from service.runtime import ModelLoadError, ModelRuntime, Prediction
 from service.settings import SETTINGS
 
 logger = logging.getLogger("digits")
+DRAW_PAGE = (Path(__file__).parent / "static" / "draw.html").read_text()
 
 PIXEL_BATCH_SCHEMA = {
     "description": "One image (28 rows of 28 integers 0-255), a list of such images, "
@@ -164,6 +166,11 @@ class Digits:
             return error(400, str(exc))
         prediction = await run_in_threadpool(self._predict, pixels[None])
         return JSONResponse({**answers(prediction)[0], "pixels": pixels.tolist()})
+
+    @extras.get("/draw", response_class=HTMLResponse)
+    def draw(self) -> HTMLResponse:
+        """A page to draw a digit on and see what the model makes of it."""
+        return HTMLResponse(DRAW_PAGE)
 
     @extras.get("/model")
     def model(self) -> JSONResponse:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -267,3 +269,24 @@ def test_admin_endpoint_is_off_without_a_token(tmp_path, trained_registry):
         assert info["path"].endswith(tuple(f"/{v}" for v in "123456789"))  # the highest numbered export
     finally:
         stop_service(running)
+
+
+def test_draw_page_predicts_a_drawn_digit_in_a_real_browser(service, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no Chromium on this machine (Debian package `chromium`; .ci/run installs it)")
+    page = requests.get(f"{service.url}/draw", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+    # the page's example draws a 7 through its pointer handlers and posts the canvas PNG to /predict_image
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+         "--virtual-time-budget=20000", "--dump-dom", f"{service.url}/draw#example"],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    shown = re.search(r'id="result"[^>]*>Digit (\d) \(model version (\d+)\)<', dom)
+    assert shown, dom[-2000:]
+    assert shown.group(2) == served_version(service)
+    percentages = [float(p) for p in re.findall(r"<span>([\d.]+) %</span>", dom)]
+    assert len(percentages) == 10 and abs(sum(percentages) - 100) < 1
+    assert max(percentages) == percentages[int(shown.group(1))]
