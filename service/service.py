@@ -16,7 +16,7 @@ import bentoml
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
-from pydantic import PlainValidator, WithJsonSchema
+from pydantic import PlainValidator, ValidationError, WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, JSONResponse
 
@@ -39,6 +39,23 @@ PixelBatch = Annotated[
     PlainValidator(lambda value: pixels_from_json(value, SETTINGS.max_images_per_request, "request body")),
     WithJsonSchema(PIXEL_BATCH_SCHEMA),
 ]
+
+
+class ClientErrorsWithoutTracebacks(logging.Filter):
+    """BentoML logs a 400 for invalid input as an ERROR with a full traceback; the client already got
+    a JSON message naming the problem, so the log gets one WARNING line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ValidationError):
+            record.msg = "%s [%s] answered 400: %s"
+            record.args = (*record.args, error.errors()[0]["msg"].removeprefix("Value error, "))
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsWithoutTracebacks())
 
 
 def _predict_signature(images: PixelBatch, /) -> list[dict[str, Any]]:

@@ -157,6 +157,17 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_serving(service, sampl
     assert good.status_code == 200
 
 
+def test_client_errors_are_logged_as_one_line_not_a_traceback(service):
+    answer = requests.post(f"{service.url}/predict", json=[[1, 2]], timeout=30)
+    assert answer.status_code == 400
+    deadline = time.monotonic() + 10
+    while "answered 400: request body has shape [1, 2]" not in service.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = service.log()
+    assert "/predict [POST] answered 400: request body has shape [1, 2]" in log
+    assert "Traceback" not in log
+
+
 def batch_histogram(service: RunningService) -> tuple[float, float]:
     """(model calls, model calls with exactly one image) from the custom batch-size histogram."""
     text = requests.get(f"{service.url}/metrics", timeout=10).text
