@@ -76,6 +76,11 @@ class RequestLimits:
         return await self.app(scope, replay, send)
 
 
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """The first pydantic error's message as a client should read it (our validators raise ValueError)."""
+    return errors[0]["msg"].removeprefix("Value error, ")
+
+
 def _lift_validation_errors(send: Send) -> Send:
     status = 200
     start: dict[str, Any] | None = None
@@ -97,7 +102,7 @@ def _lift_validation_errors(send: Send) -> Send:
         try:
             payload = orjson.loads(body)
             detail = payload.get("detail") or []
-            first = detail[0]["msg"].removeprefix("Value error, ")
+            first = validation_message(detail)
             body = orjson.dumps({"error": first, "detail": detail})
         except (orjson.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError):
             pass

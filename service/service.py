@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 
 from service import tfserving
 from service.inputs import InputError, pixels_from_image_bytes, pixels_from_json
-from service.limits import RequestLimits
+from service.limits import RequestLimits, validation_message
 from service.runtime import ModelLoadError, ModelRuntime, Prediction
 from service.settings import SETTINGS
 
@@ -49,7 +49,7 @@ class ClientErrorsWithoutTracebacks(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, ValidationError):
             record.msg = "%s [%s] answered 400: %s"
-            record.args = (*record.args, error.errors()[0]["msg"].removeprefix("Value error, "))
+            record.args = (*record.args, validation_message(error.errors()))
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True

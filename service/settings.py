@@ -12,7 +12,8 @@ def _number(name: str, default: float, cast: type = int) -> float:
     try:
         return cast(value) if value not in (None, "") else default
     except ValueError:
-        raise SystemExit(f"configuration error: {name}={value!r} is not a {cast.__name__}") from None
+        kind = "an integer" if cast is int else "a number"
+        raise SystemExit(f"configuration error: {name}={value!r} is not {kind}") from None
 
 
 def _bool(name: str, default: bool) -> bool:

@@ -19,7 +19,7 @@ def test_batching_switch_and_its_errors(monkeypatch):
 
 def test_numbers_are_checked(monkeypatch):
     monkeypatch.setenv("SERVICE_WORKERS", "two")
-    with pytest.raises(SystemExit, match="SERVICE_WORKERS='two' is not a int"):
+    with pytest.raises(SystemExit, match="SERVICE_WORKERS='two' is not an integer"):
         Settings.from_env()
 
 
