@@ -24,7 +24,7 @@ train:
 	$(BIN)/python -m pipeline train --config $(CONFIG)
 
 serve:
-	$(BIN)/bentoml serve service:Digits --host $${HOST:-127.0.0.1} --port $(PORT)
+	GRPC_HOST=$${GRPC_HOST:-$${HOST:-127.0.0.1}} $(BIN)/bentoml serve service:Digits --host $${HOST:-127.0.0.1} --port $(PORT)
 
 ## make test: install with the dev extra and run every test (make test-fast skips the slow end-to-end ones)
 test: install-dev

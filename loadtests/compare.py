@@ -33,6 +33,10 @@ SERVERS = {
     "service, batching on": {"env": {}, "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},
     "service, batching on, 2 workers": {"env": {"SERVICE_WORKERS": "2"},
                                         "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},
+    "service, 2 workers, TF Serving REST (8 images a request)": {
+        "env": {"SERVICE_WORKERS": "2"}, "users": {"steady": "TFServingUser", "rate": "TFServingUser", "batch": "BatchUser"}},
+    "service, 2 workers, gRPC": {"env": {"SERVICE_WORKERS": "2"},
+                                 "users": {"steady": "GrpcUser", "rate": "GrpcUser", "batch": "BatchUser"}},
     "service, batching off": {"env": {"BATCHING": "off"},
                               "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},
     "mlflow models serve": {"mlflow": True,
@@ -82,14 +86,15 @@ def start_mlflow_serve(model_uri: str, log_path: Path) -> tuple[str, subprocess.
     raise TimeoutError("mlflow models serve did not come up")
 
 
-def run_profile(profile: str, url: str, user_class: str, run_time: str, out: Path) -> dict:
+def run_profile(profile: str, url: str, user_class: str, run_time: str, out: Path, grpc_target: str | None) -> dict:
     sys.path.insert(0, str(REPO))
     from loadtests import run as runner
 
     profiles = runner.load_profiles()
     profiles[profile]["run_time"] = run_time
     runner.load_profiles = lambda: profiles
-    runner.main([profile, "--host", url, "--user-class", user_class, "--out", str(out)])
+    runner.main([profile, "--host", url, "--user-class", user_class, "--out", str(out),
+                 *(["--grpc-target", grpc_target] if grpc_target else [])])
     latest = max((p for p in out.iterdir() if p.name.endswith(f"-{profile}")), key=lambda p: p.name)
     return json.loads((latest / "summary.json").read_text())["stats"]
 
@@ -109,14 +114,16 @@ def main() -> int:
         slug = name.replace(",", "").replace(" ", "-")
         if spec.get("mlflow"):
             url, process = start_mlflow_serve(args.model_uri, out / f"{slug}.log")
+            grpc_target = None
             stop = lambda: (os.killpg(process.pid, 15), process.wait(timeout=30))  # noqa: E731
         else:
             service = start_service({"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0", **spec["env"]},
                                     out / f"{slug}.log", cwd=Path.cwd())
             url, process, stop = service.url, service.process, lambda: stop_service(service)  # noqa: E731
+            grpc_target = service.grpc_target
         rss = PeakRss(process.pid)
         try:
-            results = {profile: run_profile(profile, url, spec["users"][profile], args.run_time, out / slug)
+            results = {profile: run_profile(profile, url, spec["users"][profile], args.run_time, out / slug, grpc_target)
                        for profile in ("steady", "rate", "batch")}
         finally:
             peak = rss.stop()

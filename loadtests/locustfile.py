@@ -4,6 +4,9 @@ ends in a RecursionError. Run it in its own process (or the compose `locust` ser
 
     locust -f loadtests/locustfile.py --host http://127.0.0.1:3000 SingleImageUser
     locust -f loadtests/locustfile.py --host ... --tags batch upload
+    LOAD_GRPC_TARGET=127.0.0.1:8500 locust -f loadtests/locustfile.py --host ... GrpcUser
+
+``GrpcUser`` imports ``tensorflow_serving.apis`` (and so TensorFlow's protobufs) only when it starts.
 
 Every answer is checked: status, shape, and that the predicted digit matches the label for most
 requests (a ``wrong digit`` failure is counted when a whole answer disagrees with its labels more than
@@ -16,9 +19,15 @@ import base64
 import json
 import os
 import random
+import time
 from pathlib import Path
 
-from locust import FastHttpUser, constant, constant_throughput, tag, task
+import gevent
+import grpc
+import grpc.experimental.gevent as grpc_gevent
+from locust import FastHttpUser, User, constant, constant_throughput, tag, task
+
+grpc_gevent.init_gevent()  # gRPC's own threads must cooperate with Locust's gevent loop
 
 DIGITS = json.loads((Path(__file__).parent / "digits.json").read_text())["digits"]
 # bodies encoded once, so the generator (which shares the CPU with the server) spends no time on it
@@ -41,9 +50,19 @@ def _check(response, labels: list[int], digits: list[int]) -> None:
         response.failure(f"wrong digits: {correct}/{len(labels)} correct")
 
 
+def _stagger() -> None:
+    """Open loop: start each user at a random point of its period, so the users' requests arrive
+    evenly spread instead of in one burst per period (constant_throughput keeps them in step)."""
+    if RATE_PER_USER > 0:
+        gevent.sleep(random.uniform(0, 1 / RATE_PER_USER))
+
+
 class _DigitsUser(FastHttpUser):
     abstract = True
     wait_time = constant_throughput(RATE_PER_USER) if RATE_PER_USER > 0 else constant(0)
+
+    def on_start(self) -> None:
+        _stagger()
 
     def _post_json(self, path: str, body: object, name: str, labels: list[int], parse) -> None:
         data = body if isinstance(body, str) else json.dumps(body)
@@ -116,6 +135,53 @@ class TFServingUser(_DigitsUser):
         self._post_json("/v1/models/mnist:predict", {"instances": [d["pixels"] for d in chosen]},
                         "/v1/models/mnist:predict [8]", [d["label"] for d in chosen],
                         lambda answer: [p["digit"] for p in answer["predictions"]])
+
+
+class GrpcUser(User):
+    """TensorFlow Serving's gRPC ``Predict``, one image per call, with the stock stubs. The target is
+    ``LOAD_GRPC_TARGET`` (host:port), else the HTTP host's name with port ``GRPC_PORT`` (8500).
+    Each call fires Locust's request event, so it shows in the same reports and SLO checks."""
+
+    wait_time = constant_throughput(RATE_PER_USER) if RATE_PER_USER > 0 else constant(0)
+
+    def on_start(self) -> None:
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+        target = os.environ.get("LOAD_GRPC_TARGET") or \
+            f"{(self.host or 'http://127.0.0.1').split('://')[-1].split(':')[0]}:{os.environ.get('GRPC_PORT', '8500')}"
+        self.channel = grpc.insecure_channel(target)
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.requests = []
+        for raw, digit in zip(RAW_PIXELS, DIGITS):
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = "mnist"
+            tensor = request.inputs["pixels"]
+            tensor.dtype = 4  # DT_UINT8
+            for size in (1, 28, 28):
+                tensor.tensor_shape.dim.add().size = size
+            tensor.tensor_content = raw
+            self.requests.append((request, digit["label"]))
+        _stagger()
+
+    def on_stop(self) -> None:
+        self.channel.close()
+
+    @tag("grpc")
+    @task
+    def predict(self) -> None:
+        request, _label = random.choice(self.requests)
+        started, length, error = time.perf_counter(), 0, None
+        try:
+            response = self.stub.Predict(request, timeout=30)
+            length = response.ByteSize()
+            digit = response.outputs["digit"]
+            if not (digit.int64_val or digit.tensor_content) or len(response.outputs["probabilities"].tensor_content) != 40:
+                error = ValueError("answer needs a digit and 10 float32 probabilities")
+        except grpc.RpcError as exc:
+            error = exc
+        self.environment.events.request.fire(request_type="gRPC", name="Predict [1 image]",
+                                             response_time=(time.perf_counter() - started) * 1000,
+                                             response_length=length, exception=error, context={})
 
 
 class MlflowSingleUser(_DigitsUser):

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="base URL of a running service; without it the service is started here")
     parser.add_argument("--model-uri", default=os.environ.get("MODEL_URI", "models:/mnist-cnn@champion"),
                         help="MODEL_URI for the service this runner starts [models:/mnist-cnn@champion]")
+    parser.add_argument("--grpc-target", help="host:port of the running service's gRPC API, for GrpcUser "
+                                              "[the host's name, port $GRPC_PORT or 8500]")
     parser.add_argument("--processes", type=int, help="Locust processes (default: the profile's)")
     parser.add_argument("--user-class", action="append", help="override the profile's Locust user classes")
     parser.add_argument("--out", type=Path, default=HERE / "reports")
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     host = args.host or service.url
     try:
         env = {**os.environ, **{k: str(v) for k, v in (profile.get("env") or {}).items()}}
+        grpc_target = args.grpc_target or (service.grpc_target if service is not None else None)
+        if grpc_target:
+            env["LOAD_GRPC_TARGET"] = grpc_target
         command = locust_command(profile, host, out, args.processes or profile.get("processes", 1))
         print(f"profile {args.profile}: {profile['description']}\n$ {' '.join(command)}", flush=True)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -13,11 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.errors import InputError
+
 IMAGE_SHAPE = (28, 28)
-
-
-class InputError(ValueError):
-    """Bad client input; the message is safe to return to the client."""
 
 
 def pixels_from_json(value: Any, max_images: int, what: str = "input") -> np.ndarray:
@@ -47,7 +45,7 @@ def pixels_from_json(value: Any, max_images: int, what: str = "input") -> np.nda
         array = array[..., 0]
     if array.ndim != 3 or array.shape[1:] != IMAGE_SHAPE:
         raise InputError(f"{what} has shape {list(array.shape)}; expected [28, 28] for one image or [N, 28, 28] for N images")
-    return _checked_range(array, max_images, what)
+    return checked_pixels(array, max_images, what)
 
 
 def _pixels_from_b64(text: Any, max_images: int, what: str) -> np.ndarray:
@@ -65,7 +63,8 @@ def _pixels_from_b64(text: Any, max_images: int, what: str) -> np.ndarray:
     return array
 
 
-def _checked_range(array: np.ndarray, max_images: int, what: str) -> np.ndarray:
+def checked_pixels(array: np.ndarray, max_images: int, what: str) -> np.ndarray:
+    """``array`` (``[N, 28, 28]`` numbers) as uint8, or an InputError naming what is out of bounds."""
     if len(array) > max_images:
         raise InputError(f"{what} has {len(array)} images; at most {max_images} per request")
     if array.dtype.kind == "f":
@@ -73,7 +72,7 @@ def _checked_range(array: np.ndarray, max_images: int, what: str) -> np.ndarray:
             raise InputError(f"{what} contains NaN or infinite values; pixels must be 0-255")
         if not np.equal(np.mod(array, 1), 0).all():
             raise InputError(f"{what} contains fractional values; pixels must be integers 0-255")
-    if array.size and (array.min() < 0 or array.max() > 255):
+    if array.dtype != np.uint8 and array.size and (array.min() < 0 or array.max() > 255):
         raise InputError(f"{what} has values from {array.min():g} to {array.max():g}; pixels must be 0-255")
     return array.astype(np.uint8)
 

@@ -25,6 +25,7 @@ class RunningService:
     url: str
     process: subprocess.Popen
     log_path: Path
+    grpc_target: str | None = None  # host:port of its gRPC API, None when GRPC_PORT=0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -44,8 +45,10 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def start_service(env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, timeout: float = 180) -> RunningService:
     """Start the service and return once ``/readyz`` answers 200, or once the process has exited
-    (the caller looks at ``process.returncode`` and the log)."""
+    (the caller looks at ``process.returncode`` and the log). gRPC gets a free loopback port unless
+    ``env`` sets ``GRPC_PORT``."""
     port = free_port()
+    env = {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(free_port()), **env}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -53,7 +56,9 @@ def start_service(env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, ti
              "--working-dir", str(REPO_ROOT)],
             cwd=cwd, env=child_env(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    service = RunningService(f"http://127.0.0.1:{port}", process, log_path)
+    grpc_port = int(env["GRPC_PORT"])
+    service = RunningService(f"http://127.0.0.1:{port}", process, log_path,
+                             f"127.0.0.1:{grpc_port}" if grpc_port else None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -66,6 +66,10 @@ class Prediction:
     digits: np.ndarray
     model: ModelInfo
 
+    def rows(self, start: int, stop: int) -> "Prediction":
+        """The answers for images ``start:stop`` of the batch this prediction was made for."""
+        return Prediction(self.probabilities[start:stop], self.digits[start:stop], self.model)
+
 
 class ModelRuntime:
     """Holds the current model and keeps it in step with ``MODEL_URI`` (alias moves, new exports)."""

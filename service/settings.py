@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def _number(name: str, default: float, cast: type = int) -> float:
@@ -50,10 +51,38 @@ class Settings:
     timeout_s: int
     max_concurrency: int
     access_log: bool
+    batcher: str
+    batch_max_queue_images: int
+    grpc_port: int
+    grpc_host: str
+    grpc_max_message_bytes: int
+    tracing: bool
 
     def __post_init__(self) -> None:
         if self.batching and self.batch_max_size < 2:
             raise SystemExit("configuration error: BATCH_MAX_SIZE must be at least 2; set BATCHING=off to turn batching off")
+        if self.batcher not in ("runtime", "bentoml"):
+            raise SystemExit(f"configuration error: BATCHER={self.batcher!r} is not 'runtime' or 'bentoml'")
+        if not 0 <= self.grpc_port <= 65535:
+            raise SystemExit(f"configuration error: GRPC_PORT={self.grpc_port} is not a port number (0 turns gRPC off)")
+
+    def bentoml_config(self) -> dict[str, Any]:
+        """The ``@bentoml.service`` configuration these settings ask for."""
+        config: dict[str, Any] = {
+            "workers": self.workers,
+            "traffic": {"timeout": self.timeout_s, "max_concurrency": self.max_concurrency},
+            "logging": {"access": {"enabled": self.access_log}},
+        }
+        if not self.tracing:
+            # BentoML samples no traces by default, yet still builds an OpenTelemetry span for every
+            # request: ~1/3 of the per-request cost under load (measured: README, "Performance").
+            config["tracing"] = {"excluded_urls": [".*"]}
+        return config
+
+    def batcher_limits(self) -> dict[str, Any]:
+        """The runtime batcher's limits; BATCHING=off makes every request its own model call."""
+        return {"max_batch_images": self.batch_max_size if self.batching else 1,
+                "max_wait_s": self.batch_max_latency_ms / 1000, "max_queue_images": self.batch_max_queue_images}
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -72,6 +101,12 @@ class Settings:
             timeout_s=_int("SERVICE_TIMEOUT_S", 30),
             max_concurrency=_int("SERVICE_MAX_CONCURRENCY", 512),
             access_log=_bool("ACCESS_LOG", False),
+            batcher=os.environ.get("BATCHER", "runtime").strip().lower() or "runtime",
+            batch_max_queue_images=_int("BATCH_MAX_QUEUE_IMAGES", 8 * max_images),
+            grpc_port=_int("GRPC_PORT", 8500),
+            grpc_host=os.environ.get("GRPC_HOST") or "0.0.0.0",
+            grpc_max_message_bytes=_int("GRPC_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+            tracing=_bool("TRACING", False),
         )
 
 

@@ -1,8 +1,9 @@
-"""TensorFlow Serving's REST protocol for the ``mnist`` model: request parsing and response shapes.
+"""TensorFlow Serving's protocols for the ``mnist`` model: requests in, answers out, typed errors.
 
-Follows https://www.tensorflow.org/tfx/serving/api_rest: row format ``{"instances": [...]}`` ->
+REST (https://www.tensorflow.org/tfx/serving/api_rest): row format ``{"instances": [...]}`` ->
 ``{"predictions": [...]}``, columnar ``{"inputs": ...}`` -> ``{"outputs": ...}``, model status and
-metadata (the signature def), errors as ``{"error": "..."}``.
+metadata. gRPC: ``PredictRequest``/``PredictResponse``, ``GetModelMetadata`` and ``GetModelStatus``
+messages from ``tensorflow_serving.apis``. Nothing here sends or receives: the HTTP and gRPC fronts do.
 """
 
 from __future__ import annotations
@@ -13,21 +14,27 @@ from typing import Any
 
 import numpy as np
 import orjson
-from starlette.responses import JSONResponse
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
-from service.inputs import InputError, pixels_from_json
+from service.errors import InputError, NotFound
+from service.inputs import IMAGE_SHAPE, checked_pixels, pixels_from_json
+from service.runtime import ModelInfo, Prediction
 
 MODEL_NAME = "mnist"
 INPUT_NAME = "pixels"
+OUTPUT_NAMES = ("probabilities", "digit")
 SIGNATURE = "serving_default"
 _PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?:(?::(?P<verb>predict|classify|regress))|/(?P<meta>metadata))?$")
 
+
+# -- REST -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ModelRoute:
     name: str
     version: str | None
-    verb: str | None  # predict | metadata | None (status)
+    verb: str | None  # predict | classify | regress | metadata | None (status)
 
 
 def parse_model_path(path: str) -> ModelRoute | None:
@@ -37,28 +44,21 @@ def parse_model_path(path: str) -> ModelRoute | None:
     return ModelRoute(match["name"], match["version"], match["verb"] or match["meta"])
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def parse_json(body: bytes) -> Any:
+def parse_rest_predict(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
+    """A REST predict body -> (uint8 pixels ``[N, 28, 28]``, whether the request was columnar)."""
     try:
-        return orjson.loads(body)
+        request = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InputError(f"malformed JSON: {exc}") from None
-
-
-def parse_predict_request(body: Any, max_images: int) -> tuple[np.ndarray, bool]:
-    """Returns (uint8 pixels [N, 28, 28], whether the request was columnar)."""
-    if not isinstance(body, dict):
+    if not isinstance(request, dict):
         raise InputError('request body must be a JSON object with "instances" or "inputs"')
-    signature = body.get("signature_name", SIGNATURE)
+    signature = request.get("signature_name", SIGNATURE)
     if signature != SIGNATURE:
         raise InputError(f"Serving signature name: \"{signature}\" not found in signature def")
-    if ("instances" in body) == ("inputs" in body):
+    if ("instances" in request) == ("inputs" in request):
         raise InputError('JSON object must have exactly one of "instances" (row format) or "inputs" (columnar format)')
-    if "instances" in body:
-        instances = body["instances"]
+    if "instances" in request:
+        instances = request["instances"]
         if not isinstance(instances, list) or not instances:
             raise InputError('"instances" must be a non-empty list')
         named = [isinstance(instance, dict) for instance in instances]
@@ -72,7 +72,7 @@ def parse_predict_request(body: Any, max_images: int) -> tuple[np.ndarray, bool]
         if len(pixels) != len(instances):
             raise InputError("each instance must be one 28x28 image (instances has shape [28, 28], not [N, 28, 28])")
         return pixels, False
-    inputs = body["inputs"]
+    inputs = request["inputs"]
     if isinstance(inputs, dict) and set(inputs) != {"b64"}:
         if set(inputs) != {INPUT_NAME}:
             raise InputError(f'"inputs" object must have exactly the key "{INPUT_NAME}"')
@@ -80,27 +80,135 @@ def parse_predict_request(body: Any, max_images: int) -> tuple[np.ndarray, bool]
     return pixels_from_json(inputs, max_images, "inputs"), True
 
 
-def predict_response(probabilities: np.ndarray, digits: np.ndarray, columnar: bool) -> dict[str, Any]:
+def rest_predict_response(prediction: Prediction, columnar: bool) -> dict[str, Any]:
+    probabilities, digits = prediction.probabilities.tolist(), prediction.digits.tolist()
     if columnar:
-        return {"outputs": {"probabilities": probabilities.tolist(), "digit": digits.tolist()}}
-    return {"predictions": [
-        {"probabilities": p, "digit": d} for p, d in zip(probabilities.tolist(), digits.tolist())
-    ]}
+        return {"outputs": {"probabilities": probabilities, "digit": digits}}
+    return {"predictions": [{"probabilities": p, "digit": d} for p, d in zip(probabilities, digits)]}
 
 
-def status_response(version: str) -> dict[str, Any]:
+def rest_status_response(version: str) -> dict[str, Any]:
     return {"model_version_status": [
         {"version": version, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
     ]}
 
 
-def metadata_response(version: str, signature_def: Any) -> dict[str, Any]:
+def rest_metadata_response(version: str, signature_def: Any) -> dict[str, Any]:
     from google.protobuf.json_format import MessageToDict
-    from tensorflow_serving.apis import get_model_metadata_pb2
 
-    signature_map = get_model_metadata_pb2.SignatureDefMap()
-    signature_map.signature_def[SIGNATURE].CopyFrom(signature_def)
     return {
         "model_spec": {"name": MODEL_NAME, "signature_name": "", "version": version},
-        "metadata": {"signature_def": MessageToDict(signature_map, preserving_proto_field_name=True)},
+        "metadata": {"signature_def": MessageToDict(_signature_map(signature_def), preserving_proto_field_name=True)},
     }
+
+
+# -- gRPC messages ----------------------------------------------------------------------------------
+
+def requested_version(spec: model_pb2.ModelSpec, serving: ModelInfo) -> str | None:
+    """The version a ``ModelSpec`` pins (None: the served one); NotFound for another model or signature."""
+    if spec.name != MODEL_NAME:
+        raise NotFound(f"Servable not found for request: Latest({spec.name or '(empty model name)'}); "
+                       f"this server serves {MODEL_NAME!r}")
+    if spec.signature_name not in ("", SIGNATURE):
+        raise NotFound(f"Serving signature name: \"{spec.signature_name}\" not found in signature def")
+    if spec.HasField("version"):
+        return str(spec.version.value)
+    if spec.version_label:
+        if spec.version_label != serving.alias:
+            raise NotFound(f"Servable not found for request: version label {spec.version_label!r} "
+                           f"(this server follows {serving.alias or 'a fixed version'})")
+        return serving.version
+    return None
+
+
+_TENSOR_VALUES = {  # dtype -> (numpy dtype, the repeated field TensorProto keeps its values in)
+    types_pb2.DT_UINT8: (np.uint8, "int_val"),
+    types_pb2.DT_INT32: (np.int32, "int_val"),
+    types_pb2.DT_INT64: (np.int64, "int64_val"),
+    types_pb2.DT_FLOAT: (np.float32, "float_val"),
+    types_pb2.DT_DOUBLE: (np.float64, "double_val"),
+}
+
+
+def pixels_from_predict_request(request: predict_pb2.PredictRequest, max_images: int) -> np.ndarray:
+    """The ``pixels`` input of a ``PredictRequest`` as uint8 ``[N, 28, 28]``, strictly checked."""
+    if set(request.inputs) != {INPUT_NAME}:
+        names = ", ".join(sorted(request.inputs)) or "none"
+        raise InputError(f'inputs must be exactly {{"{INPUT_NAME}"}} (the signature\'s input), got: {names}')
+    for name in request.output_filter:
+        if name not in OUTPUT_NAMES:
+            raise InputError(f"output_filter names {name!r}; the signature's outputs are {', '.join(OUTPUT_NAMES)}")
+    tensor = request.inputs[INPUT_NAME]
+    if tensor.dtype not in _TENSOR_VALUES:
+        raise InputError(f"{INPUT_NAME} has dtype {types_pb2.DataType.Name(tensor.dtype)}; "
+                         "send DT_UINT8 (or DT_FLOAT/DT_DOUBLE/DT_INT32/DT_INT64 holding integers 0-255)")
+    shape = [dim.size for dim in tensor.tensor_shape.dim]
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3 or tuple(shape[1:]) != IMAGE_SHAPE or shape[0] < 0:
+        raise InputError(f"{INPUT_NAME} has shape {[d.size for d in tensor.tensor_shape.dim]}; "
+                         "expected [N, 28, 28] or [N, 28, 28, 1]")
+    if shape[0] == 0:
+        raise InputError(f"{INPUT_NAME} holds no images; send at least one 28x28 image")
+    if shape[0] > max_images:
+        raise InputError(f"{INPUT_NAME} has {shape[0]} images; at most {max_images} per request")
+    dtype, field = _TENSOR_VALUES[tensor.dtype]
+    count = shape[0] * IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+    if tensor.tensor_content:
+        values = np.frombuffer(tensor.tensor_content, dtype=dtype) if len(tensor.tensor_content) == count * np.dtype(dtype).itemsize else None
+    else:
+        values = np.asarray(getattr(tensor, field), dtype=dtype) if len(getattr(tensor, field)) == count else None
+    if values is None:
+        raise InputError(f"{INPUT_NAME} holds a different number of values than its shape {shape} needs ({count})")
+    return checked_pixels(values.reshape(shape), max_images, INPUT_NAME)
+
+
+def _tensor(array: np.ndarray, dtype: int) -> tensor_pb2.TensorProto:
+    return tensor_pb2.TensorProto(
+        dtype=dtype,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape]),
+        tensor_content=array.tobytes(),
+    )
+
+
+def predict_response(prediction: Prediction, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+    response = predict_pb2.PredictResponse()
+    _fill_spec(response.model_spec, prediction.model.version)
+    wanted = set(request.output_filter) or set(OUTPUT_NAMES)
+    if "probabilities" in wanted:
+        response.outputs["probabilities"].CopyFrom(_tensor(prediction.probabilities.astype(np.float32, copy=False), types_pb2.DT_FLOAT))
+    if "digit" in wanted:
+        response.outputs["digit"].CopyFrom(_tensor(prediction.digits.astype(np.int64, copy=False), types_pb2.DT_INT64))
+    return response
+
+
+def metadata_response(request: get_model_metadata_pb2.GetModelMetadataRequest, version: str,
+                      signature_def: Any) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    fields = list(request.metadata_field) or ["signature_def"]
+    if fields != ["signature_def"]:
+        raise InputError(f"metadata_field {fields}: only 'signature_def' is available")
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    _fill_spec(response.model_spec, version)
+    response.model_spec.signature_name = ""
+    response.metadata["signature_def"].Pack(_signature_map(signature_def))
+    return response
+
+
+def status_response(version: str) -> get_model_status_pb2.GetModelStatusResponse:
+    response = get_model_status_pb2.GetModelStatusResponse()
+    status = response.model_version_status.add()
+    status.version = int(version)
+    status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    return response
+
+
+def _fill_spec(spec: model_pb2.ModelSpec, version: str) -> None:
+    spec.name = MODEL_NAME
+    spec.version.value = int(version)
+    spec.signature_name = SIGNATURE
+
+
+def _signature_map(signature_def: Any) -> get_model_metadata_pb2.SignatureDefMap:
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    signature_map.signature_def[SIGNATURE].CopyFrom(signature_def)
+    return signature_map

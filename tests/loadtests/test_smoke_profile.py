@@ -15,7 +15,8 @@ def test_smoke_profile_passes_against_the_real_service(trained_registry, tmp_pat
     service = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
     try:
         assert service.process.poll() is None, service.log()[-3000:]
-        run = subprocess.run([sys.executable, "-m", "loadtests.run", "smoke", "--host", service.url, "--out", str(tmp_path)],
+        run = subprocess.run([sys.executable, "-m", "loadtests.run", "smoke", "--host", service.url,
+                              "--grpc-target", service.grpc_target, "--out", str(tmp_path)],
                              cwd=REPO_ROOT, env=child_env({"LOAD_MIN_CORRECT": "0"}), capture_output=True, text=True, timeout=300)
     finally:
         stop_service(service)
@@ -25,6 +26,7 @@ def test_smoke_profile_passes_against_the_real_service(trained_registry, tmp_pat
     assert summary["passed"] and summary["stats"]["failures"] == 0 and summary["stats"]["requests"] > 20
     assert (report / "chart.png").stat().st_size > 0 and (report / "report.html").exists()
     assert (report / "locust_stats.csv").exists()
+    assert "gRPC" in (report / "locust_stats.csv").read_text()  # the gRPC user's calls are in the same report
 
 
 def test_a_broken_slo_fails_the_run_and_says_which(trained_registry, tmp_path):
@@ -35,7 +37,7 @@ def test_a_broken_slo_fails_the_run_and_says_which(trained_registry, tmp_path):
             [sys.executable, "-c",
              "import sys, loadtests.run as r; p = r.load_profiles(); p['smoke']['slo']['min_rps'] = 10**9; "
              "r.load_profiles = lambda: p; sys.exit(r.main(sys.argv[1:]))",
-             "smoke", "--host", service.url, "--out", str(profiles)],
+             "smoke", "--host", service.url, "--grpc-target", service.grpc_target, "--out", str(profiles)],
             cwd=REPO_ROOT, env=child_env({"LOAD_MIN_CORRECT": "0"}), capture_output=True, text=True, timeout=300)
     finally:
         stop_service(service)

@@ -10,37 +10,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 import requests
-import tensorflow as tf
 from PIL import Image
+from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from service.launcher import RunningService, start_service, stop_service
+from service.launcher import start_service, stop_service
 from tests.conftest import SAMPLE_NPZ, last_json_line, run_pipeline
+from tests.service.helpers import ADMIN_TOKEN, batch_histogram, predict_request, saved_model_probabilities, served_version
 
 pytestmark = pytest.mark.slow
-ADMIN_TOKEN = "test-admin-token"
-
-
-@pytest.fixture(scope="module")
-def service(trained_registry, tmp_path_factory):
-    env = {**trained_registry.env, "MODEL_POLL_SECONDS": "1", "ADMIN_TOKEN": ADMIN_TOKEN,
-           "MAX_IMAGES_PER_REQUEST": "300", "MAX_BODY_BYTES": str(4 * 1024 * 1024)}
-    running = start_service(env, tmp_path_factory.mktemp("service") / "service.log")
-    assert running.process.poll() is None, running.log()[-3000:]
-    yield running
-    stop_service(running)
-
-
-def served_version(service: RunningService) -> str:
-    return requests.get(f"{service.url}/model", timeout=10).json()["version"]
-
-
-def saved_model_probabilities(trained_registry, version: str, images: np.ndarray) -> np.ndarray:
-    path = trained_registry.workdir / "exports" / "mnist" / version
-    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
-    return serve(pixels=tf.constant(images))["probabilities"].numpy()
 
 
 def test_health_and_model_info(service, trained_registry):
@@ -168,14 +149,6 @@ def test_client_errors_are_logged_as_one_line_not_a_traceback(service):
     assert "Traceback" not in log
 
 
-def batch_histogram(service: RunningService) -> tuple[float, float]:
-    """(model calls, model calls with exactly one image) from the custom batch-size histogram."""
-    text = requests.get(f"{service.url}/metrics", timeout=10).text
-    count = float(re.search(r"^digits_model_batch_images_count(?:\{[^}]*\})? (\S+)$", text, re.M).group(1))
-    ones = float(re.search(r'^digits_model_batch_images_bucket\{[^}]*le="1\.0"[^}]*\} (\S+)$', text, re.M).group(1))
-    return count, ones
-
-
 def test_concurrent_single_image_requests_are_batched_and_all_correct(service, trained_registry, sample):
     images = sample["x_test"][:256]
     version = served_version(service)
@@ -198,7 +171,7 @@ def test_concurrent_single_image_requests_are_batched_and_all_correct(service, t
     assert calls - single > 0, "no model call held more than one image"
 
 
-def test_hot_reload_switches_version_without_failed_or_mixed_requests(service, trained_registry, sample):
+def test_hot_reload_under_http_tf_rest_and_grpc_load_fails_nothing_and_mixes_no_versions(service, trained_registry, sample):
     before = served_version(service)
     trained = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
                             "--set", "registry.accuracy_floor=1.0",
@@ -209,23 +182,40 @@ def test_hot_reload_switches_version_without_failed_or_mixed_requests(service, t
     assert new_version != before
 
     stop = threading.Event()
-    seen: list[list[str]] = [[] for _ in range(8)]
+    seen: list[list[str]] = [[] for _ in range(9)]
     failures: list[str] = []
-    images = sample["x_test"][:4].tolist()
+    images = sample["x_test"][:4]
+
+    def one_request(slot: int, stub) -> set[str]:
+        """One answer's versions, by HTTP JSON, TF Serving REST or gRPC (slot % 3)."""
+        if slot % 3 == 2:
+            response = stub.Predict(predict_request(images), timeout=30)
+            return {str(response.model_spec.version.value)}
+        if slot % 3 == 1:
+            answer = requests.post(f"{service.url}/v1/models/mnist:predict", json={"instances": images.tolist()}, timeout=30)
+            if answer.status_code != 200:
+                raise AssertionError(answer.text)
+            return {answer.headers["X-Model-Version"]}
+        answer = requests.post(f"{service.url}/predict", json=images.tolist(), timeout=30)
+        if answer.status_code != 200:
+            raise AssertionError(answer.text)
+        return {p["model_version"] for p in answer.json()} | {answer.headers["X-Model-Version"]}
 
     def hammer(slot: int) -> None:
         deadline = time.monotonic() + 120
-        while not stop.is_set() and time.monotonic() < deadline:
-            answer = requests.post(f"{service.url}/predict", json=images, timeout=30)
-            if answer.status_code != 200:
-                failures.append(answer.text)
-                continue
-            versions = {p["model_version"] for p in answer.json()}
-            if len(versions) != 1:
-                failures.append(f"mixed versions in one answer: {versions}")
-            seen[slot].append(versions.pop())
+        with grpc.insecure_channel(service.grpc_target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    versions = one_request(slot, stub)
+                except (AssertionError, grpc.RpcError, requests.RequestException) as exc:
+                    failures.append(f"slot {slot}: {exc}")
+                    continue
+                if len(versions) != 1:
+                    failures.append(f"mixed versions in one answer: {versions}")
+                seen[slot].append(versions.pop())
 
-    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(len(seen))]
     for thread in threads:
         thread.start()
     try:

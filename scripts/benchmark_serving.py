@@ -1,0 +1,240 @@
+"""Serving benchmark: HTTP JSON, TF Serving REST and gRPC, closed and open loop (a script, not a test).
+
+    python scripts/benchmark_serving.py --model-uri exports/mnist [--duration 15] [--designs runtime,bentoml]
+                                        [--workers 1,2] [--repeats 3] [--open-loop 1000,2000] [--mlflow URI]
+
+Starts ``bentoml serve service:Digits`` on free loopback ports for each design (``BATCHER``) and worker
+count, with Prometheus metrics and readiness on as always, and drives it with C load generators that
+share the machine and whose own CPU is reported:
+- closed loop: ``wrk`` (Debian ``wrk``), 64 connections of single-image requests on ``/predict`` and
+  ``/v1/models/mnist:predict``; ``h2load`` (Debian ``nghttp2-client``) with 64 gRPC connections on
+  ``PredictionService/Predict``. gRPC answers are checked for ``grpc-status: 0`` separately (h2load
+  counts HTTP status only), by a stock stub before and after the load;
+- open loop: ``h2load --rps`` with connections started one ``1/rate`` apart, so arrivals are evenly
+  spaced, not bursts; latency from its per-request log;
+- optionally ``mlflow models serve`` on the same model (``--mlflow models:/mnist-cnn/N``) for the ratio.
+
+Prints a Markdown table and writes ``bench-results/serving-<time>.json``. The targets (issue 8) are
+printed beside the figures; nothing here fails on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from service.launcher import child_env, free_port, start_service, stop_service  # noqa: E402
+
+SAMPLE_NPZ = REPO / "tests" / "fixtures" / "mnist-sample.npz"
+CONNECTIONS = 64
+LUA = 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n' \
+      'local f = io.open("{body}", "rb"); wrk.body = f:read("*a"); f:close()\n'
+
+
+def generator_cpu(command: list[str], **kwargs) -> tuple[str, float]:
+    """Run a load generator; (its stdout, its CPU seconds per wall second)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, check=True, **kwargs).stdout
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall
+
+
+def wrk(url: str, body: Path, duration: int, workdir: Path) -> dict:
+    lua = workdir / f"{body.stem}.lua"
+    lua.write_text(LUA.format(body=body))
+    out, cpu = generator_cpu(["wrk", "-t", "1", "-c", str(CONNECTIONS), "-d", f"{duration}s", "--latency", "-s", str(lua), url])
+
+    def latency_ms(label: str) -> float:
+        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)$", out, re.M).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)$", out, re.M)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": latency_ms("50"), "p99_ms": latency_ms("99"),
+            "errors": (int(non_2xx.group(1)) if non_2xx else 0) + (1 if errors else 0), "generator_cpu": round(cpu, 2)}
+
+
+def h2load(url: str, body: Path, *, headers: list[str], h1: bool, workdir: Path, duration: int | None = None,
+           rate: int | None = None) -> dict:
+    """Closed loop (``duration``: 64 connections, one request in flight each) or open loop (``rate``
+    requests/s, evenly spaced: 50 connections at rate/50 each, started 1/rate apart)."""
+    log = workdir / "h2load.log"
+    command = ["h2load", "-d", str(body), "--log-file", str(log), *sum((["-H", h] for h in headers), [])]
+    if h1:
+        command.append("--h1")
+    if rate:
+        clients = 50
+        total = rate * (duration or 10)
+        per_ms = max(1, round(rate / 1000))  # h2load's rate period has millisecond steps
+        command += ["-c", str(clients), "-m", "1", "--rps", str(rate / clients), "-n", str(total),
+                    "-r", str(per_ms), "--rate-period", f"{max(1, round(1000 * per_ms / rate))}ms"]
+    else:
+        command += ["-c", str(CONNECTIONS), "-m", "1", "-D", f"{duration}s", "--warm-up-time", "1s"]
+    out, cpu = generator_cpu(command + [url], timeout=600)
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    starts = np.array([int(r[0]) for r in rows], dtype=np.int64)
+    status = np.array([int(r[1]) for r in rows])
+    latency_ms = np.array([int(r[2]) for r in rows]) / 1000
+    span_s = (starts.max() - starts.min()) / 1e6 if len(rows) > 1 else 1.0
+    failed = int(re.search(r"(\d+) failed", out).group(1)) + int(re.search(r"(\d+) errored", out).group(1))
+    return {"rps": round(len(rows) / span_s, 1), "p50_ms": round(float(np.percentile(latency_ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(latency_ms, 99)), 2),
+            "errors": failed + int((status != 200).sum()), "generator_cpu": round(cpu, 2),
+            **({"offered_rps": rate} if rate else {})}
+
+
+def grpc_frame(pixels: np.ndarray) -> bytes:
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    tensor = request.inputs["pixels"]
+    tensor.dtype = 4  # DT_UINT8
+    for size in pixels.shape:
+        tensor.tensor_shape.dim.add().size = size
+    tensor.tensor_content = pixels.tobytes()
+    message = request.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def grpc_answers_right(target: str, images: np.ndarray, labels: np.ndarray) -> bool:
+    from service.client import GrpcClient
+
+    with GrpcClient(target) as client:
+        digits = [a.digit for a in client.predict(images)]
+    return float(np.mean(np.array(digits) == labels)) >= 0.8
+
+
+def bench_service(model_uri: str, design: str, workers: int, args: argparse.Namespace, bodies: dict[str, Path],
+                  sample: tuple[np.ndarray, np.ndarray], workdir: Path) -> list[dict]:
+    grpc_port = free_port()
+    env = {"MODEL_URI": model_uri, "BATCHER": design, "SERVICE_WORKERS": str(workers), "MODEL_POLL_SECONDS": "0",
+           "GRPC_PORT": str(grpc_port), "GRPC_HOST": "127.0.0.1"}
+    if args.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    service = start_service(env, workdir / f"service-{design}-{workers}.log")
+    rows = []
+    try:
+        if service.process.poll() is not None:
+            raise SystemExit(f"service did not start:\n{service.log()[-2000:]}")
+        label = f"{design} batcher, {workers} worker{'s' if workers > 1 else ''}"
+        for repeat in range(args.repeats):
+            rows.append({"server": label, "route": "/predict", "load": "64 conns", "repeat": repeat + 1,
+                         **wrk(f"{service.url}/predict", bodies["json"], args.duration, workdir)})
+        rows.append({"server": label, "route": "TF REST :predict", "load": "64 conns", "repeat": 1,
+                     **wrk(f"{service.url}/v1/models/mnist:predict", bodies["tf"], args.duration, workdir)})
+        target = f"127.0.0.1:{grpc_port}"
+        right_before = grpc_answers_right(target, *sample)
+        grpc_headers = ["content-type: application/grpc", "te: trailers"]
+        grpc = h2load(f"http://{target}/tensorflow.serving.PredictionService/Predict", bodies["grpc"],
+                      headers=grpc_headers, h1=False, workdir=workdir, duration=args.duration)
+        right_after = grpc_answers_right(target, *sample)
+        rows.append({"server": label, "route": "gRPC Predict", "load": "64 conns", "repeat": 1, **grpc,
+                     "checked_right": right_before and right_after})
+        if design == "runtime":
+            for rate in args.open_loop:
+                rows.append({"server": label, "route": "/predict", "load": f"open loop {rate}/s", "repeat": 1,
+                             **h2load(f"{service.url}/predict", bodies["json"], headers=["content-type: application/json"],
+                                      h1=True, workdir=workdir, duration=args.duration, rate=rate)})
+    finally:
+        stop_service(service)
+    return rows
+
+
+def bench_mlflow(model_uri: str, args: argparse.Namespace, body: Path, workdir: Path) -> dict:
+    port = free_port()
+    env = child_env({"MLFLOW_TRACKING_URI": args.tracking_uri} if args.tracking_uri else {})
+    with (workdir / "mlflow-serve.log").open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                                    "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        import requests
+
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(1)
+        return {"server": "mlflow models serve", "route": "/invocations", "load": "64 conns", "repeat": 1,
+                **wrk(f"http://127.0.0.1:{port}/invocations", body, args.duration, workdir)}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-uri", required=True)
+    parser.add_argument("--tracking-uri", help="MLFLOW_TRACKING_URI for a models:/ URI")
+    parser.add_argument("--duration", type=int, default=15)
+    parser.add_argument("--designs", default="runtime,bentoml")
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--repeats", type=int, default=3, help="closed-loop /predict runs per server, for the spread")
+    parser.add_argument("--open-loop", default="1000,2000", help="open-loop rates in requests/s ('' for none)")
+    parser.add_argument("--mlflow", metavar="URI", help="also measure `mlflow models serve` on this model URI")
+    args = parser.parse_args()
+    args.open_loop = [int(r) for r in args.open_loop.split(",") if r]
+
+    with np.load(SAMPLE_NPZ) as npz:
+        images, labels = npz["x_test"][:64], npz["y_test"][:64]
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        bodies = {"json": workdir / "one.json", "tf": workdir / "tf.json", "grpc": workdir / "one.grpc",
+                  "mlflow": workdir / "mlflow.json"}
+        bodies["json"].write_text(json.dumps(images[0].tolist(), separators=(",", ":")))
+        bodies["tf"].write_text(json.dumps({"instances": [images[0].tolist()]}, separators=(",", ":")))
+        bodies["grpc"].write_bytes(grpc_frame(images[:1]))
+        bodies["mlflow"].write_text(json.dumps({"inputs": images[:1, ..., None].astype(float).tolist()}))
+        for design in args.designs.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                print(f"== {design} batcher, {workers} worker(s)", file=sys.stderr, flush=True)
+                rows += bench_service(args.model_uri, design, workers, args, bodies, (images, labels), workdir)
+        if args.mlflow:
+            print("== mlflow models serve", file=sys.stderr, flush=True)
+            rows.append(bench_mlflow(args.mlflow, args, bodies["mlflow"], workdir))
+
+    print(f"\n{os.cpu_count()} CPUs, {args.duration} s per run, single-image requests\n")
+    print("| server | route | load | run | req/s | p50 ms | p99 ms | errors | generator CPU (cores) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['server']} | {r['route']} | {r['load']} | {r['repeat']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
+              f"{r['p99_ms']:.1f} | {r['errors']} | {r['generator_cpu']:.2f} |")
+    for server in sorted({r["server"] for r in rows if r["repeat"] > 1 or r["route"] == "/predict"}):
+        runs = [r["rps"] for r in rows if r["server"] == server and r["route"] == "/predict" and r["load"] == "64 conns"]
+        if len(runs) > 1:
+            mean = float(np.mean(runs))
+            print(f"\n{server}: /predict over {len(runs)} runs {min(runs):,.0f}-{max(runs):,.0f} req/s, "
+                  f"spread ±{100 * (max(runs) - min(runs)) / 2 / mean:.1f} % of the mean")
+    mlflow_rows = [r for r in rows if r["server"] == "mlflow models serve"]
+    if mlflow_rows:
+        best = max(r["rps"] for r in rows if r["route"] == "/predict" and r["load"] == "64 conns")
+        print(f"\nbest /predict vs mlflow models serve: {best / mlflow_rows[0]['rps']:.0f}x")
+    out = REPO / "bench-results" / f"serving-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+    print(f"\nrows written to {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""What can go wrong with a request, as typed errors, and the one JSON envelope HTTP clients see.
+
+Protocol modules raise these; the HTTP front turns them into ``{"error": message}`` with the status
+below, the gRPC front into the status code TensorFlow Serving would send. Messages are safe to show
+to clients.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+import orjson
+from starlette.responses import Response
+
+
+class ServiceError(Exception):
+    """A request that cannot be answered; ``str(error)`` names the problem."""
+
+    http_status: ClassVar[int] = 500
+    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+
+class InputError(ServiceError, ValueError):
+    """Bad client input: wrong shape, type or range, undecodable data, too many images."""
+
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    """An unknown model, version, signature or endpoint."""
+
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(ServiceError):
+    """No model is loaded yet."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class Overloaded(ServiceError):
+    """The batch queue is over its budget; retry with backoff."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class PayloadTooLarge(ServiceError):
+    http_status = 413
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class UnsupportedMediaType(ServiceError):
+    http_status = 415
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+def error_response(status: int, message: str) -> Response:
+    return Response(error_body(message), status_code=status, media_type="application/json")
+
+
+def response_for(error: ServiceError) -> Response:
+    return error_response(error.http_status, str(error))

@@ -1,0 +1,115 @@
+"""TensorFlow Serving's gRPC API for the ``mnist`` model, on the same serving core as the HTTP routes.
+
+``tensorflow.serving.PredictionService`` (``Predict``, ``GetModelMetadata``) and
+``tensorflow.serving.ModelService`` (``GetModelStatus``), with the stock stubs from
+``tensorflow_serving.apis``, plus the standard health service and server reflection. The server runs
+on the worker's event loop; with several workers each binds ``GRPC_PORT`` with ``SO_REUSEPORT`` (gRPC's
+default on Linux), so the kernel spreads connections over the workers. ``Classify`` and ``Regress``
+answer UNIMPLEMENTED: the signature is a predict signature.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2,
+                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2,
+                                     prediction_service_pb2_grpc)
+
+from service import tfserving
+from service.core import ServingCore
+from service.errors import ServiceError
+
+logger = logging.getLogger("digits.grpc")
+PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
+MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+Reply = TypeVar("Reply")
+
+
+async def _answer(context: grpc.aio.ServicerContext, method: str, work: Callable[[], Awaitable[Reply]]) -> Reply:
+    try:
+        return await work()
+    except ServiceError as error:
+        if error.grpc_code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+            logger.warning("gRPC %s answered %s: %s", method, error.grpc_code.name, error)
+        await context.abort(error.grpc_code, str(error))
+        raise  # abort raises; this line is never reached
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, core: ServingCore, max_images: int) -> None:
+        self.core = core
+        self.max_images = max_images
+
+    async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
+        async def work() -> predict_pb2.PredictResponse:
+            version = tfserving.requested_version(request.model_spec, self.core.model().info)
+            self.core.model(version)
+            pixels = tfserving.pixels_from_predict_request(request, self.max_images)
+            prediction = await self.core.predict(pixels, "grpc", version)
+            return tfserving.predict_response(prediction, request)
+
+        return await _answer(context, "Predict", work)
+
+    async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
+                               context: grpc.aio.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        async def work() -> get_model_metadata_pb2.GetModelMetadataResponse:
+            served = self.core.model(tfserving.requested_version(request.model_spec, self.core.model().info))
+            return tfserving.metadata_response(request, served.info.version, served.signature_def)
+
+        return await _answer(context, "GetModelMetadata", work)
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
+                             context: grpc.aio.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
+        async def work() -> get_model_status_pb2.GetModelStatusResponse:
+            served = self.core.model(tfserving.requested_version(request.model_spec, self.core.model().info))
+            return tfserving.status_response(served.info.version)
+
+        return await _answer(context, "GetModelStatus", work)
+
+
+class GrpcFront:
+    """The gRPC server of one worker: start it on the worker's event loop, stop it on shutdown."""
+
+    def __init__(self, core: ServingCore, port: int, max_images: int, max_message_bytes: int) -> None:
+        self.core = core
+        self.port = port
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ])
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core, max_images), self.server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (PREDICTION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+
+    async def start(self, host: str = "[::]") -> None:
+        bound = self.server.add_insecure_port(f"{host}:{self.port}")
+        if bound != self.port:
+            raise RuntimeError(f"cannot listen for gRPC on port {self.port} (in use by another program?)")
+        await self.server.start()
+        await self.set_serving(self.core.runtime.ready)
+        logger.info("gRPC (TensorFlow Serving API) listening on port %d", self.port)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
+            result = self.health.set(service, status)
+            if result is not None:
+                await result
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace_s)

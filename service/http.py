@@ -1,0 +1,249 @@
+"""The HTTP routes: thin handlers that read a body once, call a protocol module and the serving core.
+
+Mounted into the BentoML service at ``/`` (see :mod:`service.service`), which sets ``app.state.core``
+and ``app.state.settings`` when a worker starts. Every error answers ``{"error": message}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import orjson
+from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
+from starlette.responses import HTMLResponse, Response
+
+from service import tfserving
+from service.core import ServingCore
+from service.errors import (InputError, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType, error_body,
+                            error_response, response_for)
+from service.inputs import pixels_from_image_bytes, pixels_from_json
+from service.runtime import ModelLoadError, Prediction
+
+logger = logging.getLogger("digits.http")
+DRAW_PAGE = (Path(__file__).parent / "static" / "draw.html").read_text()
+
+app = FastAPI(title="Digits: handwritten digit predictions",
+              description="HTTP JSON, image upload, TensorFlow Serving REST; gRPC on GRPC_PORT (see README)")
+
+
+def _core(request: Request) -> ServingCore:
+    return request.app.state.core
+
+
+def _settings(request: Request) -> Any:
+    return request.app.state.settings
+
+
+@app.exception_handler(ServiceError)
+async def _client_error(request: Request, error: ServiceError) -> Response:
+    logger.warning("%s [%s] answered %d: %s", request.url.path, request.method, error.http_status, error)
+    return response_for(error)
+
+
+async def _body(request: Request, json: bool = True) -> bytes:
+    """The request body, refused early when it is over MAX_BODY_BYTES or (for JSON routes) not JSON."""
+    return await _read_body(request.headers.get("content-type", ""), request.headers.get("content-length"),
+                            request.stream(), _settings(request).max_body_bytes, json)
+
+
+async def _read_body(content_type: str, length: str | None, chunks: AsyncIterator[bytes], limit: int, json: bool) -> bytes:
+    if json:
+        content_type = content_type.split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise UnsupportedMediaType(f"unsupported content type {content_type or '(none)'}; send application/json")
+    if length is not None:
+        if not length.isdigit():
+            raise InputError("invalid Content-Length header")
+        if int(length) > limit:
+            raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit} bytes")
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        parts.append(chunk)
+    body = b"".join(parts)
+    if json and not body:
+        raise InputError("empty request body; send JSON")
+    return body
+
+
+def _json(content: Any, prediction: Prediction | None = None) -> Response:
+    headers = {"X-Model-Version": prediction.model.version} if prediction else None
+    return Response(orjson.dumps(content), media_type="application/json", headers=headers)
+
+
+def answers(prediction: Prediction) -> list[dict[str, Any]]:
+    version = prediction.model.version
+    return [{"digit": digit, "probabilities": probabilities, "model_version": version}
+            for digit, probabilities in zip(prediction.digits.tolist(), prediction.probabilities.tolist())]
+
+
+async def predict_json(body: bytes, core: ServingCore, max_images: int) -> tuple[Any, Prediction]:
+    """``POST /predict``: a JSON body -> (the answer, the prediction it came from)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"malformed JSON: {exc}") from None
+    prediction = await core.predict(pixels_from_json(value, max_images, "request body"), "http_json")
+    return answers(prediction), prediction
+
+
+async def predict_tf_rest(body: bytes, core: ServingCore, max_images: int, version: str | None = None) -> tuple[Any, Prediction]:
+    """``POST /v1/models/mnist[/versions/N]:predict``: a TF Serving REST body -> (the answer, the prediction)."""
+    core.model(version)
+    pixels, columnar = tfserving.parse_rest_predict(body, max_images)
+    prediction = await core.predict(pixels, "tf_rest", version)
+    return tfserving.rest_predict_response(prediction, columnar), prediction
+
+
+@app.post("/predict")
+async def predict(request: Request) -> Response:
+    """One image (28 rows of 28 integers 0-255), a list of images, or {"b64": base64 of N*784 raw uint8
+    pixels} -> per image the digit, its 10 probabilities and the model version. Batched with every
+    other route's requests."""
+    return _json(*await predict_json(await _body(request), _core(request), _settings(request).max_images_per_request))
+
+
+@app.post("/predict_image")
+async def predict_image(request: Request) -> Response:
+    """An uploaded picture of a digit (multipart field `image`, or the raw image as the body)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("image") or form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise InputError("multipart upload needs a file field named 'image'")
+        data = await upload.read()
+    elif content_type.startswith(("image/", "application/octet-stream")):
+        data = await _body(request, json=False)
+    else:
+        raise UnsupportedMediaType(f"unsupported content type {content_type or '(none)'}; upload "
+                                   "multipart/form-data with an 'image' file, or send image/* bytes")
+    pixels = await asyncio.to_thread(pixels_from_image_bytes, data)
+    prediction = await _core(request).predict(pixels[None], "http_image")
+    return _json({**answers(prediction)[0], "pixels": pixels.tolist()}, prediction)
+
+
+@app.get("/draw", response_class=HTMLResponse)
+def draw() -> HTMLResponse:
+    """A page to draw a digit on and see what the model makes of it."""
+    return HTMLResponse(DRAW_PAGE)
+
+
+@app.get("/model")
+def model(request: Request) -> Response:
+    """Name, version, alias, MLflow run id, test accuracy and load time of the model being served."""
+    return _json(_core(request).model().info.as_dict())
+
+
+@app.post("/admin/reload")
+def reload(request: Request) -> Response:
+    """Load the version MODEL_URI points at now (Authorization: Bearer $ADMIN_TOKEN)."""
+    token = _settings(request).admin_token
+    if not token:
+        return error_response(404, "admin endpoints are off (set ADMIN_TOKEN to enable them)")
+    supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(supplied.encode(), token.encode()):
+        return error_response(401, "missing or wrong bearer token")
+    try:
+        old, new = _core(request).runtime.reload()
+    except ModelLoadError as exc:
+        return error_response(409, f"reload failed, still serving the previous model: {exc}")
+    return _json({"previous_version": old.version if old else None, "version": new.version,
+                  "changed": old is None or old.version != new.version})
+
+
+# TensorFlow Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest)
+
+def _model_route(model_path: str, method: str, verbs: tuple[str | None, ...]) -> tfserving.ModelRoute:
+    route = tfserving.parse_model_path(model_path)
+    if route is None or route.name != tfserving.MODEL_NAME or route.verb not in verbs:
+        raise NotFound(f"no such endpoint: {method} /v1/models/{model_path}")
+    return route
+
+
+@app.post("/v1/models/{model_path:path}")
+async def tf_predict(model_path: str, request: Request) -> Response:
+    """TF Serving predict: {"instances": [...]} -> {"predictions": [...]}, {"inputs": ...} -> {"outputs": ...}."""
+    route = _model_route(model_path, "POST", ("predict",))
+    body = await _body(request)
+    return _json(*await predict_tf_rest(body, _core(request), _settings(request).max_images_per_request, route.version))
+
+
+@app.get("/v1/models/{model_path:path}")
+def tf_status(model_path: str, request: Request) -> Response:
+    """TF Serving model status, or its signature def with /metadata."""
+    route = _model_route(model_path, "GET", (None, "metadata"))
+    served = _core(request).model(route.version)
+    if route.verb == "metadata":
+        return _json(tfserving.rest_metadata_response(served.info.version, served.signature_def))
+    return _json(tfserving.rest_status_response(served.info.version))
+
+
+# -- the hot path ---------------------------------------------------------------------------------
+
+HOT_ROUTES: dict[str, Callable[[bytes, ServingCore, int], Awaitable[tuple[Any, Prediction]]]] = {
+    "/predict": predict_json,
+    f"/v1/models/{tfserving.MODEL_NAME}:predict": predict_tf_rest,
+}
+_JSON_HEADER = (b"content-type", b"application/json")
+
+
+class HotRoutes:
+    """Raw ASGI for ``POST /predict`` and ``POST /v1/models/mnist:predict``, in front of the routers.
+
+    These are the routes called thousands of times a second. Starlette's router, FastAPI's request
+    handling and their exception middlewares cost about a fifth of a worker's time per request
+    (py-spy, README "Performance"), so these two skip them and answer here, through the same
+    handlers as the FastAPI routes above (which still document them and serve every other path).
+    BentoML's own middlewares (metrics, concurrency limit, timeout) still run before this one.
+    """
+
+    def __init__(self, app: Callable, skip: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.routes = {path: handler for path, handler in HOT_ROUTES.items() if path not in skip}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if handler is None:
+            return await self.app(scope, receive, send)
+        settings, core = app.state.settings, app.state.core
+        headers = dict(scope["headers"])
+        try:
+            body = await _read_body(headers.get(b"content-type", b"").decode("latin-1"),
+                                    _latin1(headers.get(b"content-length")), _chunks(receive),
+                                    settings.max_body_bytes, json=True)
+            content, prediction = await handler(body, core, settings.max_images_per_request)
+            status, payload = 200, orjson.dumps(content)
+            extra = [(b"x-model-version", prediction.model.version.encode())]
+        except ClientDisconnect:
+            return
+        except ServiceError as error:
+            logger.warning("%s [POST] answered %d: %s", scope["path"], error.http_status, error)
+            status, payload, extra = error.http_status, error_body(str(error)), []
+        except Exception:
+            logger.exception("%s [POST] failed", scope["path"])
+            status, payload, extra = 500, error_body("internal error; see the service log"), []
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [_JSON_HEADER, (b"content-length", str(len(payload)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _latin1(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
+async def _chunks(receive: Callable) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return

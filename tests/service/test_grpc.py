@@ -1,0 +1,175 @@
+"""TensorFlow Serving's gRPC API on the real service, called with the stock stubs from tensorflow_serving.apis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tensorflow as tf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                     prediction_service_pb2_grpc)
+
+from service.launcher import start_service, stop_service
+from tests.service.helpers import histogram, predict_request, saved_model_probabilities, served_version
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def channel(service):
+    with grpc.insecure_channel(service.grpc_target) as channel:
+        yield channel
+
+
+def test_stock_stub_gets_the_savedmodels_digits_and_probabilities(channel, service, trained_registry, sample):
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    version = served_version(service)
+    images = sample["x_test"][:32]
+    expected = saved_model_probabilities(trained_registry, version, images)
+
+    for request in (predict_request(images),  # uint8 [N, 28, 28]
+                    predict_request(images[..., None].astype(np.float32), signature="serving_default")):  # float [N, 28, 28, 1]
+        response = stub.Predict(request, timeout=30)
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["probabilities"]), expected, atol=1e-5)
+        assert tf.make_ndarray(response.outputs["digit"]).tolist() == expected.argmax(1).tolist()
+        assert response.model_spec.name == "mnist" and str(response.model_spec.version.value) == version
+
+    pinned = stub.Predict(predict_request(images[:2], version=int(version)), timeout=30)
+    assert str(pinned.model_spec.version.value) == version
+    only_digits = predict_request(images[:3])
+    only_digits.output_filter.append("digit")
+    assert set(stub.Predict(only_digits, timeout=30).outputs) == {"digit"}
+
+
+def test_metadata_shows_the_signature_and_status_the_version(channel, service):
+    version = served_version(service)
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "mnist"
+    metadata = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=30)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    metadata.metadata["signature_def"].Unpack(signatures)
+    signature = signatures.signature_def["serving_default"]
+    assert signature.inputs["pixels"].dtype == tf.uint8.as_datatype_enum
+    assert [d.size for d in signature.inputs["pixels"].tensor_shape.dim] == [-1, 28, 28]
+    assert set(signature.outputs) == {"probabilities", "digit"}
+    assert str(metadata.model_spec.version.value) == version
+
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = "mnist"
+    status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status_request, timeout=30)
+    assert [(str(s.version), s.state) for s in status.model_version_status] == \
+        [(version, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
+
+
+def _empty_images() -> tf.Tensor:
+    return tf.make_tensor_proto(np.zeros((0, 28, 28), np.uint8))
+
+
+BAD_CALLS = [
+    ("wrong shape", lambda: predict_request(np.zeros((2, 27, 28), np.uint8)), grpc.StatusCode.INVALID_ARGUMENT, "shape [2, 27, 28]"),
+    ("wrong dtype", lambda: predict_request(tensor=tf.make_tensor_proto([["a"] * 28] * 28)), grpc.StatusCode.INVALID_ARGUMENT, "DT_STRING"),
+    ("out of range", lambda: predict_request(np.full((1, 28, 28), 300.0, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "0-255"),
+    ("NaN", lambda: predict_request(np.full((1, 28, 28), np.nan, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    ("fractions", lambda: predict_request(np.full((1, 28, 28), 0.5, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "fractional"),
+    ("empty", lambda: predict_request(tensor=_empty_images()), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
+    ("too many", lambda: predict_request(np.zeros((301, 28, 28), np.uint8)), grpc.StatusCode.INVALID_ARGUMENT, "at most 300"),
+    ("wrong input name", lambda: predict_request(np.zeros((1, 28, 28), np.uint8), input_name="x"), grpc.StatusCode.INVALID_ARGUMENT, "pixels"),
+    ("unknown model", lambda: predict_request(np.zeros((1, 28, 28), np.uint8), name="other"), grpc.StatusCode.NOT_FOUND, "other"),
+    ("unknown version", lambda: predict_request(np.zeros((1, 28, 28), np.uint8), version=999), grpc.StatusCode.NOT_FOUND, "999"),
+    ("unknown signature", lambda: predict_request(np.zeros((1, 28, 28), np.uint8), signature="classify_x"), grpc.StatusCode.NOT_FOUND, "classify_x"),
+]
+
+
+@pytest.mark.parametrize(("case", "build", "code", "message"), BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_calls_get_tf_serving_status_codes_and_the_service_keeps_serving(channel, sample, case, build, code, message):
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.Predict(build(), timeout=30)
+    assert failed.value.code() == code, failed.value.details()
+    assert message in failed.value.details()
+    assert tf.make_ndarray(stub.Predict(predict_request(sample["x_test"][:1]), timeout=30).outputs["digit"]).shape == (1,)
+
+
+def test_health_service_and_reflection(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    services = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {"tensorflow.serving.PredictionService", "tensorflow.serving.ModelService", "grpc.health.v1.Health"} <= services
+
+
+def test_grpc_is_unavailable_until_the_model_is_loaded_then_serving(trained_registry, tmp_path):
+    """Before the worker has loaded a model nothing answers (UNAVAILABLE); SERVING comes only with /readyz."""
+    from service.launcher import free_port
+
+    grpc_port = free_port()
+    env = {**trained_registry.env, "MODEL_POLL_SECONDS": "0", "GRPC_PORT": str(grpc_port)}
+    seen: list[int | str] = []
+    started: list = []
+    launcher = threading.Thread(target=lambda: started.append(start_service(env, tmp_path / "service.log")))
+    launcher.start()
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            except grpc.RpcError as error:
+                seen.append(error.code().name)
+                time.sleep(0.2)
+                continue
+            seen.append(status)
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                break
+    launcher.join(timeout=200)
+    try:
+        assert started, "the service did not start"
+        assert seen[0] == "UNAVAILABLE" and seen[-1] == health_pb2.HealthCheckResponse.SERVING, seen
+        assert requests.get(f"{started[0].url}/readyz", timeout=10).status_code == 200
+    finally:
+        if started:
+            stop_service(started[0])
+
+
+def test_http_json_tf_rest_and_grpc_share_model_calls_and_all_answers_are_right(service, channel, trained_registry, sample):
+    images = sample["x_test"][:40]  # 40 images a request: model calls long enough for other routes to queue behind
+    version = served_version(service)
+    expected = saved_model_probabilities(trained_registry, version, images)
+    mixed_before = histogram(service, "digits_model_batch_routes")
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=24))
+
+    def one(i: int) -> list[list[float]]:
+        if i % 3 == 0:
+            answer = session.post(f"{service.url}/predict", json=images.tolist(), timeout=60)
+            assert answer.status_code == 200, answer.text
+            return [a["probabilities"] for a in answer.json()]
+        if i % 3 == 1:
+            answer = session.post(f"{service.url}/v1/models/mnist:predict", json={"inputs": images.tolist()}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["outputs"]["probabilities"]
+        response = stub.Predict(predict_request(images), timeout=60)
+        return tf.make_ndarray(response.outputs["probabilities"]).tolist()
+
+    shared = 0.0
+    for _ in range(5):  # sharing depends on timing; a few rounds make it certain on any machine
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            answers = list(pool.map(one, range(72)))
+        for answer in answers:
+            np.testing.assert_allclose(answer, expected, atol=1e-5)
+        mixed_after = histogram(service, "digits_model_batch_routes")
+        shared = (mixed_after["count"] - mixed_after["le=1.0"]) - (mixed_before["count"] - mixed_before["le=1.0"])
+        if shared > 0:
+            break
+    assert shared > 0, "no model call held requests from more than one route"

@@ -1,0 +1,98 @@
+"""TensorFlow Serving protocol conversions in-process: requests in, answers out, typed errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import model_pb2
+
+from service import tfserving
+from service.errors import InputError, NotFound
+from service.runtime import ModelInfo, Prediction
+from tests.service.helpers import predict_request
+
+INFO = ModelInfo("mnist-cnn", "4", "champion", None, None, "test", "test", "now")
+
+
+def test_predict_request_pixels_in_every_accepted_form(sample):
+    images = sample["x_test"][:3]
+    for request in (predict_request(images), predict_request(images[..., None].astype(np.float32)),
+                    predict_request(images.astype(np.int64))):
+        np.testing.assert_array_equal(tfserving.pixels_from_predict_request(request, 10), images)
+    values_not_content = predict_request(images)
+    tensor = values_not_content.inputs["pixels"]
+    tensor.int_val.extend(images.ravel().tolist())
+    tensor.tensor_content = b""
+    np.testing.assert_array_equal(tfserving.pixels_from_predict_request(values_not_content, 10), images)
+
+
+def test_a_tensor_whose_values_do_not_fill_its_shape_is_refused():
+    request = predict_request(np.zeros((2, 28, 28), np.uint8))
+    request.inputs["pixels"].tensor_content = b"\x00" * 784
+    with pytest.raises(InputError, match="number of values"):
+        tfserving.pixels_from_predict_request(request, 10)
+
+
+def test_predict_response_round_trips_through_tensorflow():
+    probabilities = np.random.default_rng(0).random((2, 10), dtype=np.float32)
+    prediction = Prediction(probabilities, probabilities.argmax(1), INFO)
+    response = tfserving.predict_response(prediction, predict_request(np.zeros((2, 28, 28), np.uint8)))
+    np.testing.assert_array_equal(tf.make_ndarray(response.outputs["probabilities"]), probabilities)
+    assert tf.make_ndarray(response.outputs["digit"]).tolist() == probabilities.argmax(1).tolist()
+    assert (response.model_spec.name, response.model_spec.version.value) == ("mnist", 4)
+
+
+@pytest.mark.parametrize(("spec", "result"), [
+    ({"name": "mnist"}, None),
+    ({"name": "mnist", "signature_name": "serving_default"}, None),
+    ({"name": "mnist", "version_label": "champion"}, "4"),
+])
+def test_model_spec_resolution(spec, result):
+    assert tfserving.requested_version(model_pb2.ModelSpec(**spec), INFO) == result
+
+
+def test_model_spec_pinning_a_version():
+    spec = model_pb2.ModelSpec(name="mnist")
+    spec.version.value = 3
+    assert tfserving.requested_version(spec, INFO) == "3"
+
+
+@pytest.mark.parametrize("spec", [{"name": "resnet"}, {"name": "mnist", "signature_name": "other"},
+                                  {"name": "mnist", "version_label": "canary"}])
+def test_unknown_model_signature_or_label_is_not_found(spec):
+    with pytest.raises(NotFound):
+        tfserving.requested_version(model_pb2.ModelSpec(**spec), INFO)
+
+
+def test_rest_row_and_columnar_formats(sample):
+    images = sample["x_test"][:2]
+    rows, columnar = tfserving.parse_rest_predict(orjson.dumps({"instances": images.tolist()}), 10)
+    assert not columnar
+    np.testing.assert_array_equal(rows, images)
+    named, _ = tfserving.parse_rest_predict(orjson.dumps({"instances": [{"pixels": i.tolist()} for i in images]}), 10)
+    np.testing.assert_array_equal(named, images)
+    columns, columnar = tfserving.parse_rest_predict(orjson.dumps({"inputs": {"pixels": images.tolist()}}), 10)
+    assert columnar
+    np.testing.assert_array_equal(columns, images)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"{oops", "malformed JSON"),
+    (b"[]", "JSON object"),
+    (b'{"instances": [], "inputs": []}', "exactly one"),
+    (b'{"instances": []}', "non-empty"),
+    (b'{"signature_name": "x", "instances": [[[0]]]}', "signature"),
+    (b'{"inputs": {"image": []}}', '"pixels"'),
+])
+def test_rest_bad_bodies_name_the_problem(body, message):
+    with pytest.raises(InputError, match=message):
+        tfserving.parse_rest_predict(body, 10)
+
+
+def test_model_paths():
+    assert tfserving.parse_model_path("mnist:predict") == tfserving.ModelRoute("mnist", None, "predict")
+    assert tfserving.parse_model_path("mnist/versions/3/metadata") == tfserving.ModelRoute("mnist", "3", "metadata")
+    assert tfserving.parse_model_path("mnist") == tfserving.ModelRoute("mnist", None, None)
+    assert tfserving.parse_model_path("mnist:explode") is None
