@@ -58,11 +58,12 @@ def generator_cpu(command: list[str], **kwargs) -> tuple[str, float]:
 def wrk(url: str, body: Path, duration: int, workdir: Path) -> dict:
     lua = workdir / f"{body.stem}.lua"
     lua.write_text(LUA.format(body=body))
-    out, cpu = generator_cpu(["wrk", "-t", "1", "-c", str(CONNECTIONS), "-d", f"{duration}s", "--latency", "-s", str(lua), url])
+    out, cpu = generator_cpu(["wrk", "-t", "1", "-c", str(CONNECTIONS), "-d", f"{duration}s", "--timeout", "30s",
+                              "--latency", "-s", str(lua), url])
 
     def latency_ms(label: str) -> float:
-        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)$", out, re.M).groups()
-        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)$", out, re.M)
@@ -76,6 +77,7 @@ def h2load(url: str, body: Path, *, headers: list[str], h1: bool, workdir: Path,
     """Closed loop (``duration``: 64 connections, one request in flight each) or open loop (``rate``
     requests/s, evenly spaced: 50 connections at rate/50 each, started 1/rate apart)."""
     log = workdir / "h2load.log"
+    log.unlink(missing_ok=True)  # h2load appends to its log
     command = ["h2load", "-d", str(body), "--log-file", str(log), *sum((["-H", h] for h in headers), [])]
     if h1:
         command.append("--h1")
@@ -83,7 +85,7 @@ def h2load(url: str, body: Path, *, headers: list[str], h1: bool, workdir: Path,
         clients = 50
         total = rate * (duration or 10)
         per_ms = max(1, round(rate / 1000))  # h2load's rate period has millisecond steps
-        command += ["-c", str(clients), "-m", "1", "--rps", str(rate / clients), "-n", str(total),
+        command += ["-c", str(clients), "-m", "1", "--rps", f"{rate / clients:g}", "-n", str(total),
                     "-r", str(per_ms), "--rate-period", f"{max(1, round(1000 * per_ms / rate))}ms"]
     else:
         command += ["-c", str(CONNECTIONS), "-m", "1", "-D", f"{duration}s", "--warm-up-time", "1s"]
@@ -122,6 +124,13 @@ def grpc_answers_right(target: str, images: np.ndarray, labels: np.ndarray) -> b
     return float(np.mean(np.array(digits) == labels)) >= 0.8
 
 
+def show(row: dict) -> dict:
+    """Print a finished row at once (a long run that fails later keeps what it measured)."""
+    print(f"| {row['server']} | {row['route']} | {row['load']} | {row['repeat']} | {row['rps']:,.0f} | {row['p50_ms']:.1f} | "
+          f"{row['p99_ms']:.1f} | {row['errors']} | {row['generator_cpu']:.2f} |", flush=True)
+    return row
+
+
 def bench_service(model_uri: str, design: str, workers: int, args: argparse.Namespace, bodies: dict[str, Path],
                   sample: tuple[np.ndarray, np.ndarray], workdir: Path) -> list[dict]:
     grpc_port = free_port()
@@ -136,23 +145,23 @@ def bench_service(model_uri: str, design: str, workers: int, args: argparse.Name
             raise SystemExit(f"service did not start:\n{service.log()[-2000:]}")
         label = f"{design} batcher, {workers} worker{'s' if workers > 1 else ''}"
         for repeat in range(args.repeats):
-            rows.append({"server": label, "route": "/predict", "load": "64 conns", "repeat": repeat + 1,
-                         **wrk(f"{service.url}/predict", bodies["json"], args.duration, workdir)})
-        rows.append({"server": label, "route": "TF REST :predict", "load": "64 conns", "repeat": 1,
-                     **wrk(f"{service.url}/v1/models/mnist:predict", bodies["tf"], args.duration, workdir)})
+            rows.append(show({"server": label, "route": "/predict", "load": "64 conns", "repeat": repeat + 1,
+                              **wrk(f"{service.url}/predict", bodies["json"], args.duration, workdir)}))
+        rows.append(show({"server": label, "route": "TF REST :predict", "load": "64 conns", "repeat": 1,
+                          **wrk(f"{service.url}/v1/models/mnist:predict", bodies["tf"], args.duration, workdir)}))
         target = f"127.0.0.1:{grpc_port}"
         right_before = grpc_answers_right(target, *sample)
         grpc_headers = ["content-type: application/grpc", "te: trailers"]
         grpc = h2load(f"http://{target}/tensorflow.serving.PredictionService/Predict", bodies["grpc"],
                       headers=grpc_headers, h1=False, workdir=workdir, duration=args.duration)
         right_after = grpc_answers_right(target, *sample)
-        rows.append({"server": label, "route": "gRPC Predict", "load": "64 conns", "repeat": 1, **grpc,
-                     "checked_right": right_before and right_after})
+        rows.append(show({"server": label, "route": "gRPC Predict", "load": "64 conns", "repeat": 1, **grpc,
+                          "checked_right": right_before and right_after}))
         if design == "runtime":
             for rate in args.open_loop:
-                rows.append({"server": label, "route": "/predict", "load": f"open loop {rate}/s", "repeat": 1,
-                             **h2load(f"{service.url}/predict", bodies["json"], headers=["content-type: application/json"],
-                                      h1=True, workdir=workdir, duration=args.duration, rate=rate)})
+                rows.append(show({"server": label, "route": "/predict", "load": f"open loop {rate}/s", "repeat": 1,
+                                  **h2load(f"{service.url}/predict", bodies["json"], headers=["content-type: application/json"],
+                                           h1=True, workdir=workdir, duration=args.duration, rate=rate)}))
     finally:
         stop_service(service)
     return rows
@@ -206,15 +215,16 @@ def main() -> None:
         bodies["tf"].write_text(json.dumps({"instances": [images[0].tolist()]}, separators=(",", ":")))
         bodies["grpc"].write_bytes(grpc_frame(images[:1]))
         bodies["mlflow"].write_text(json.dumps({"inputs": images[:1, ..., None].astype(float).tolist()}))
-        for design in args.designs.split(","):
+        print("| server | route | load | run | req/s | p50 ms | p99 ms | errors | generator CPU (cores) |", flush=True)
+        for design in filter(None, args.designs.split(",")):
             for workers in (int(w) for w in args.workers.split(",")):
                 print(f"== {design} batcher, {workers} worker(s)", file=sys.stderr, flush=True)
                 rows += bench_service(args.model_uri, design, workers, args, bodies, (images, labels), workdir)
         if args.mlflow:
             print("== mlflow models serve", file=sys.stderr, flush=True)
-            rows.append(bench_mlflow(args.mlflow, args, bodies["mlflow"], workdir))
+            rows.append(show(bench_mlflow(args.mlflow, args, bodies["mlflow"], workdir)))
 
-    print(f"\n{os.cpu_count()} CPUs, {args.duration} s per run, single-image requests\n")
+    print(f"\nall rows: {os.cpu_count()} CPUs, {args.duration} s per run, single-image requests\n")
     print("| server | route | load | run | req/s | p50 ms | p99 ms | errors | generator CPU (cores) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
