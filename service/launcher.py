@@ -46,9 +46,12 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def start_service(env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, timeout: float = 180) -> RunningService:
     """Start the service and return once ``/readyz`` answers 200, or once the process has exited
     (the caller looks at ``process.returncode`` and the log). gRPC gets a free loopback port unless
-    ``env`` sets ``GRPC_PORT``."""
+    ``env`` sets ``GRPC_PORT``. Each service gets its own ``BENTOML_HOME``: BentoML keeps its Prometheus
+    files there and wipes them when a server starts, so two servers sharing one would lose each other's
+    metrics."""
     port = free_port()
-    env = {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(free_port()), **env}
+    env = {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(free_port()),
+           "BENTOML_HOME": str(log_path.parent / f"bentoml-home-{port}"), **env}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         process = subprocess.Popen(

@@ -161,6 +161,8 @@ def test_ctrl_c_marks_the_run_failed(tmp_path):
         [sys.executable, "-u", "-m", "pipeline", "train", "--config", "seed", "--data", str(SAMPLE_NPZ),
          "--set", "epochs=200", "--set", f"export.base_dir={tmp_path / 'exports'}"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell's background job or nohup starts us with SIGINT ignored, and the child would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 180
     for line in proc.stdout:
