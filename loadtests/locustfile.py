@@ -45,8 +45,9 @@ def _check(response, labels: list[int], digits: list[int]) -> None:
         response.failure(f"expected {len(labels)} answers, got {len(digits)}")
         return
     correct = sum(d == l for d, l in zip(digits, labels))
-    # one image: a single wrong digit is a model error, not a service error; only batches are judged
-    if len(labels) > 1 and correct < MIN_CORRECT * len(labels):
+    # one image: a single wrong digit is a model error, not a service error; only batches are judged, and
+    # rounding down lets a small batch hold the misreads a 98 % model makes (2 of 8 happens in ~1 % of them)
+    if len(labels) > 1 and correct < int(MIN_CORRECT * len(labels)):
         response.failure(f"wrong digits: {correct}/{len(labels)} correct")
 
 

@@ -57,9 +57,14 @@ def aggregated(out: Path) -> dict:
         "failures": int(row["Failure Count"]),
         "failure_ratio": int(row["Failure Count"]) / requests_total if requests_total else 1.0,
         "requests_per_s": float(row["Requests/s"]),
-        "p50_ms": float(row["50%"] or 0), "p95_ms": float(row["95%"] or 0), "p99_ms": float(row["99%"] or 0),
-        "avg_ms": float(row["Average Response Time"] or 0),
+        "p50_ms": _ms(row["50%"]), "p95_ms": _ms(row["95%"]), "p99_ms": _ms(row["99%"]),
+        "avg_ms": _ms(row["Average Response Time"]),
     }
+
+
+def _ms(value: str) -> float:
+    """A latency cell of Locust's CSV; 'N/A' (no request finished) reads as 0."""
+    return float(value) if value not in ("", "N/A") else 0.0
 
 
 def judge(stats: dict, slo: dict) -> list[str]:

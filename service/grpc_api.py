@@ -83,7 +83,7 @@ class GrpcFront:
     def __init__(self, core: ServingCore, port: int, max_images: int, max_message_bytes: int) -> None:
         self.core = core
         self.port = port
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -106,9 +106,7 @@ class GrpcFront:
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
-            result = self.health.set(service, status)
-            if result is not None:
-                await result
+            await self.health.set(service, status)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.set_serving(False)
