@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, Response
 
@@ -22,10 +26,13 @@ from service.core import ServingCore
 from service.errors import (InputError, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType, error_body,
                             error_response, response_for)
 from service.inputs import pixels_from_image_bytes, pixels_from_json
-from service.runtime import ModelLoadError, Prediction
+from service.runtime import ModelLoadError, Prediction, RegistryUnavailable
 
 logger = logging.getLogger("digits.http")
-DRAW_PAGE = (Path(__file__).parent / "static" / "draw.html").read_text()
+STATIC = Path(__file__).parent / "static"
+DRAW_PAGE = (STATIC / "draw.html").read_text()
+DRAW_ASSETS = {"draw.css": ((STATIC / "draw.css").read_bytes(), "text/css; charset=utf-8"),
+               "draw.js": ((STATIC / "draw.js").read_bytes(), "text/javascript; charset=utf-8")}
 
 app = FastAPI(title="Digits: handwritten digit predictions",
               description="HTTP JSON, image upload, TensorFlow Serving REST; gRPC on GRPC_PORT (see README)")
@@ -43,6 +50,22 @@ def _settings(request: Request) -> Any:
 async def _client_error(request: Request, error: ServiceError) -> Response:
     logger.warning("%s [%s] answered %d: %s", request.url.path, request.method, error.http_status, error)
     return response_for(error)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, error: HTTPException) -> Response:
+    return error_response(error.status_code, str(error.detail))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, error: Exception) -> Response:
+    logger.error("%s [%s] failed: %r", request.url.path, request.method, error)  # Starlette logs the traceback
+    return error_response(500, "internal error; see the service log")
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> Response:
+    return error_response(400, "; ".join(str(e.get("msg")) for e in error.errors()) or "invalid request")
 
 
 async def _body(request: Request, json: bool = True) -> bytes:
@@ -125,7 +148,9 @@ async def predict_image(request: Request) -> Response:
     else:
         raise UnsupportedMediaType(f"unsupported content type {content_type or '(none)'}; upload "
                                    "multipart/form-data with an 'image' file, or send image/* bytes")
-    pixels = await asyncio.to_thread(pixels_from_image_bytes, data)
+    settings = _settings(request)
+    async with request.app.state.image_decodes:  # bounds the memory a burst of big pictures can take
+        pixels = await asyncio.to_thread(pixels_from_image_bytes, data, settings.max_image_pixels)
     prediction = await _core(request).predict(pixels[None], "http_image")
     return _json({**answers(prediction)[0], "pixels": pixels.tolist()}, prediction)
 
@@ -136,23 +161,74 @@ def draw() -> HTMLResponse:
     return HTMLResponse(DRAW_PAGE)
 
 
+@app.get("/draw.css", include_in_schema=False)
+def draw_css() -> Response:
+    content, media_type = DRAW_ASSETS["draw.css"]
+    return Response(content, media_type=media_type)
+
+
+@app.get("/draw.js", include_in_schema=False)
+def draw_js() -> Response:
+    content, media_type = DRAW_ASSETS["draw.js"]
+    return Response(content, media_type=media_type)
+
+
 @app.get("/model")
 def model(request: Request) -> Response:
     """Name, version, alias, MLflow run id, test accuracy and load time of the model being served."""
     return _json(_core(request).model().info.as_dict())
 
 
+class FailedAttempts:
+    """Failed admin logins per client address: past ``limit`` within ``window_s``, refuse for the window."""
+
+    def __init__(self, limit: int = 5, window_s: float = 60.0) -> None:
+        self.limit, self.window_s = limit, window_s
+        self._times: dict[str, deque[float]] = defaultdict(deque)
+
+    def retry_after(self, client: str) -> int:
+        """Seconds until ``client`` may try again (0: now)."""
+        times, now = self._times[client], time.monotonic()
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            self._times.pop(client, None)
+        return int(times[0] + self.window_s - now) + 1 if len(times) >= self.limit else 0
+
+    def failed(self, client: str) -> None:
+        self._times[client].append(time.monotonic())
+
+
+ADMIN_ATTEMPTS = FailedAttempts()
+
+
 @app.post("/admin/reload")
 def reload(request: Request) -> Response:
-    """Load the version MODEL_URI points at now (Authorization: Bearer $ADMIN_TOKEN)."""
+    """Load the version MODEL_URI points at now (Authorization: Bearer $ADMIN_TOKEN).
+
+    401 on a missing or wrong token; after 5 failures from one address in a minute, 429 for the rest
+    of that minute. 503 when the registry cannot be reached (within REGISTRY_TIMEOUT_S), 409 when the
+    new version cannot be loaded; the previous model keeps serving either way.
+    """
     token = _settings(request).admin_token
     if not token:
         return error_response(404, "admin endpoints are off (set ADMIN_TOKEN to enable them)")
-    supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(supplied.encode(), token.encode()):
-        return error_response(401, "missing or wrong bearer token")
+    client = request.client.host if request.client else "unknown"
+    wait = ADMIN_ATTEMPTS.retry_after(client)
+    if wait:
+        response = error_response(429, f"too many failed admin attempts from {client}; retry in {wait} s")
+        response.headers["Retry-After"] = str(wait)
+        return response
+    scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), token.encode()):
+        ADMIN_ATTEMPTS.failed(client)
+        response = error_response(401, "missing or wrong token; send Authorization: Bearer <ADMIN_TOKEN>")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
     try:
         old, new = _core(request).runtime.reload()
+    except RegistryUnavailable as exc:
+        return error_response(503, f"reload failed, still serving the previous model: {exc}")
     except ModelLoadError as exc:
         return error_response(409, f"reload failed, still serving the previous model: {exc}")
     return _json({"previous_version": old.version if old else None, "version": new.version,

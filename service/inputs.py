@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from service.errors import InputError
+from service.errors import InputError, PayloadTooLarge
 
 IMAGE_SHAPE = (28, 28)
+DEFAULT_MAX_IMAGE_PIXELS = 16 * 1024 * 1024  # 4096x4096; a 12 MP phone photo fits
+WORK_SIDE = 512  # pictures are shrunk to this before preprocessing: the digit ends up 20 px tall anyway
+
+
+class ImageTooLarge(PayloadTooLarge):
+    """An image whose header declares more pixels than MAX_IMAGE_PIXELS; refused before decoding."""
 
 
 def pixels_from_json(value: Any, max_images: int, what: str = "input") -> np.ndarray:
@@ -77,26 +84,25 @@ def checked_pixels(array: np.ndarray, max_images: int, what: str) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def pixels_from_image_bytes(data: bytes) -> np.ndarray:
+def pixels_from_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """An uploaded picture of a digit, made to look like an MNIST digit: uint8 ``[28, 28]``.
 
     Greyscale; invert when the background is light (dark ink on paper); subtract the background and
     stretch the ink to 0-255; crop to the ink's bounding box; scale the longer side to 20 px keeping
     the aspect ratio; paste into 28x28 so the centre of mass sits at the centre — as MNIST was made.
+
+    The pixel count is checked from the header before anything is decoded (a 169 KiB PNG can hold
+    144 M pixels), and big pictures are shrunk to :data:`WORK_SIDE` right after decoding, so memory
+    stays bounded whatever arrives. Every input gives a digit or an :class:`InputError`.
     """
-    if not data:
-        raise InputError("the uploaded image is empty (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot decode the uploaded image ({type(exc).__name__}); send a PNG, JPEG, GIF, BMP or WebP") from None
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "P", "PA"):
+    image = _decoded(data, max_pixels)
+    if image.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    image = image.convert("L")
+    image.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
+    grey = np.asarray(image, dtype=np.float32)
 
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if np.median(border) > 127:
@@ -113,13 +119,46 @@ def pixels_from_image_bytes(data: bytes) -> np.ndarray:
     height, width = crop.shape
     scale = 20.0 / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    digit = np.asarray(Image.fromarray(crop.astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+    # Resampled as floats: a long thin stroke shrunk to 20x1 keeps its (faint) ink instead of
+    # rounding to a blank row, which used to leave the centre of mass at 0/0.
+    digit = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+    digit = np.clip(digit, 0, 255)
+    total = float(digit.sum())
+    if not total > 0:
+        raise InputError(f"no digit found in the uploaded image: its ink ({width}x{height} px) vanishes at 20 px")
 
     canvas = np.zeros(IMAGE_SHAPE, dtype=np.float32)
-    total = digit.sum()
     ys, xs = np.indices(digit.shape)
     com_y, com_x = (ys * digit).sum() / total, (xs * digit).sum() / total
     top = int(np.clip(round(14 - com_y), 0, 28 - digit.shape[0]))
     left = int(np.clip(round(14 - com_x), 0, 28 - digit.shape[1]))
     canvas[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
-    return np.clip(canvas, 0, 255).astype(np.uint8)
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+
+def _decoded(data: bytes, max_pixels: int) -> Image.Image:
+    """The first frame of ``data``, upright, after its header passed the pixel budget."""
+    if not data:
+        raise InputError("the uploaded image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget is checked below
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"the uploaded image has more than {max_pixels:,} pixels (MAX_IMAGE_PIXELS)") from None
+    except Exception as exc:  # Pillow's plugins raise many types on malformed headers
+        raise InputError(f"cannot decode the uploaded image ({type(exc).__name__}); send a PNG, JPEG, GIF, BMP or WebP") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"the uploaded image is {width}x{height} = {width * height:,} pixels; "
+                            f"at most {max_pixels:,} are accepted (MAX_IMAGE_PIXELS)")
+    if width < 1 or height < 1:
+        raise InputError(f"the uploaded image is {width}x{height} pixels; it has no pixels")
+    try:
+        image.draft("L", (WORK_SIDE, WORK_SIDE))  # JPEG: decode at a fraction of the size when it is big
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except Exception as exc:  # truncated or corrupt data, broken EXIF: all the client's to fix
+        raise InputError(f"cannot decode the uploaded image ({type(exc).__name__}); send a PNG, JPEG, GIF, BMP or WebP") from None

@@ -8,6 +8,7 @@ old one and then swaps the reference, so no request waits for or fails on a relo
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -29,6 +30,10 @@ class ModelLoadError(RuntimeError):
     """No model could be loaded from the configured source; the message says why."""
 
 
+class RegistryUnavailable(ModelLoadError):
+    """The tracking server or artifact store did not answer (within the registry timeout)."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -41,7 +46,11 @@ class ModelInfo:
     loaded_at: str
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """What clients may see: no file paths of this worker."""
+        public = {key: value for key, value in self.__dict__.items() if key != "path"}
+        if "://" not in self.source and not self.source.startswith("models:/"):
+            public["source"] = "local SavedModel directory"
+        return public
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ class Prediction:
 class ModelRuntime:
     """Holds the current model and keeps it in step with ``MODEL_URI`` (alias moves, new exports)."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, poll_seconds: float = 0.0) -> None:
+    def __init__(self, model_uri: str, tracking_uri: str, poll_seconds: float = 0.0, registry_timeout_s: float = 10.0) -> None:
         self.model_uri = model_uri
         self.tracking_uri = tracking_uri
         self.poll_seconds = poll_seconds
@@ -82,7 +91,8 @@ class ModelRuntime:
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        self._workdir = Path(tempfile.mkdtemp(prefix="digits-models-"))
+        self._workdir: Path | None = None  # where registry versions are downloaded, made on first use
+        self.registry_timeout_s = registry_timeout_s
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -101,7 +111,8 @@ class ModelRuntime:
 
     def stop(self) -> None:
         self._stop.set()
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
     @property
     def ready(self) -> bool:
@@ -150,9 +161,13 @@ class ModelRuntime:
             if "://" not in uri or uri.startswith("file://"):
                 return self._resolve_local(Path(uri.removeprefix("file://")))
             raise ModelLoadError(f"MODEL_URI {uri!r}: use models:/<name>@<alias>, models:/<name>/<version> or a local directory")
+        _bound_registry_calls(self.registry_timeout_s)
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
+        if self.tracking_uri.startswith("sqlite:///") and not Path(self.tracking_uri.removeprefix("sqlite:///")).is_file():
+            raise ModelLoadError(f"the tracking store {self.tracking_uri} does not exist (MLFLOW_TRACKING_URI); "
+                                 "train a model first (make train) or fix the path")
         reference = uri.removeprefix("models:/").strip("/")
         client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         try:
@@ -163,9 +178,12 @@ class ModelRuntime:
                 name, _, number = reference.partition("/")
                 alias, version = None, client.get_model_version(name, number)
         except MlflowException as exc:
+            if "failed with exception" in exc.message or exc.get_http_status_code() >= 500:  # no answer, or a broken server
+                raise RegistryUnavailable(f"cannot reach the MLflow tracking store {self.tracking_uri}: "
+                                          f"{_first_line(exc.message)}") from None
             raise ModelLoadError(f"cannot resolve {uri} on {self.tracking_uri}: {exc.message}") from None
         except Exception as exc:
-            raise ModelLoadError(f"cannot reach the MLflow tracking store {self.tracking_uri}: {exc}") from None
+            raise RegistryUnavailable(f"cannot reach the MLflow tracking store {self.tracking_uri}: {_first_line(exc)}") from None
         run_id = version.run_id
         accuracy = None
         if version.tags.get("test_accuracy"):
@@ -196,18 +214,26 @@ class ModelRuntime:
         else:
             import mlflow
 
+            if self._workdir is None:
+                self._workdir = Path(tempfile.mkdtemp(prefix="digits-models-"))
             dst = self._workdir / f"v{target['version']}-{time.monotonic_ns()}"
             try:
                 mlflow.set_tracking_uri(self.tracking_uri)
                 path = mlflow.artifacts.download_artifacts(target["artifact_uri"], dst_path=str(dst))
             except Exception as exc:
-                raise ModelLoadError(f"cannot download {target['artifact_uri']}: {exc}") from None
+                shutil.rmtree(dst, ignore_errors=True)
+                raise RegistryUnavailable(f"cannot download {target['artifact_uri']}: {_first_line(exc)}") from None
         try:
             saved = tf.saved_model.load(path)
             serve = saved.signatures[SIGNATURE]
+            signature_def = _signature_def(path)
         except Exception as exc:
-            raise ModelLoadError(f"{path} is not a SavedModel with a {SIGNATURE} signature: {exc}") from None
-        signature_def = _signature_def(path)
+            raise ModelLoadError(f"{target['key']} is not a SavedModel with a {SIGNATURE} signature: {_first_line(exc)}") from None
+        finally:
+            if not target["local"]:
+                # TensorFlow has read the variables into memory: the downloaded copy is not needed
+                # again, and keeping one per reload would fill the temp dir until shutdown.
+                shutil.rmtree(dst, ignore_errors=True)
         loaded = LoadedModel(
             ModelInfo(
                 name=target["name"], version=target["version"], alias=target["alias"], run_id=target["run_id"],
@@ -218,6 +244,18 @@ class ModelRuntime:
         )
         loaded.predict(np.zeros((1, 28, 28), np.uint8))  # warm up before taking traffic
         return loaded
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _bound_registry_calls(timeout_s: float) -> None:
+    """MLflow retries an unreachable server 7 times with exponential backoff (minutes); a service
+    that cannot reach its registry should say so within ``timeout_s`` (the user's own settings win)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout_s / 2))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
 def _signature_def(path: str) -> Any:

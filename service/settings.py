@@ -57,12 +57,22 @@ class Settings:
     grpc_host: str
     grpc_max_message_bytes: int
     tracing: bool
+    max_image_pixels: int
+    image_decode_concurrency: int
+    client_header_timeout_s: float
+    client_body_timeout_s: float
+    registry_timeout_s: float
 
     def __post_init__(self) -> None:
         if self.batching and self.batch_max_size < 2:
             raise SystemExit("configuration error: BATCH_MAX_SIZE must be at least 2; set BATCHING=off to turn batching off")
         if self.batcher not in ("runtime", "bentoml"):
             raise SystemExit(f"configuration error: BATCHER={self.batcher!r} is not 'runtime' or 'bentoml'")
+        for name, value in (("MAX_IMAGE_PIXELS", self.max_image_pixels), ("IMAGE_DECODE_CONCURRENCY", self.image_decode_concurrency),
+                            ("SERVICE_MAX_CONCURRENCY", self.max_concurrency), ("CLIENT_HEADER_TIMEOUT_S", self.client_header_timeout_s),
+                            ("CLIENT_BODY_TIMEOUT_S", self.client_body_timeout_s), ("REGISTRY_TIMEOUT_S", self.registry_timeout_s)):
+            if value <= 0:
+                raise SystemExit(f"configuration error: {name}={value} must be positive")
         if not 0 <= self.grpc_port <= 65535:
             raise SystemExit(f"configuration error: GRPC_PORT={self.grpc_port} is not a port number (0 turns gRPC off)")
 
@@ -70,7 +80,8 @@ class Settings:
         """The ``@bentoml.service`` configuration these settings ask for."""
         config: dict[str, Any] = {
             "workers": self.workers,
-            "traffic": {"timeout": self.timeout_s, "max_concurrency": self.max_concurrency},
+            # max_concurrency is enforced by service.edge, after a request's body has arrived
+            "traffic": {"timeout": self.timeout_s},
             "logging": {"access": {"enabled": self.access_log}},
         }
         if not self.tracing:
@@ -107,6 +118,11 @@ class Settings:
             grpc_host=os.environ.get("GRPC_HOST") or "0.0.0.0",
             grpc_max_message_bytes=_int("GRPC_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
             tracing=_bool("TRACING", False),
+            max_image_pixels=_int("MAX_IMAGE_PIXELS", 16 * 1024 * 1024),
+            image_decode_concurrency=_int("IMAGE_DECODE_CONCURRENCY", 2),
+            client_header_timeout_s=_float("CLIENT_HEADER_TIMEOUT_S", 10.0),
+            client_body_timeout_s=_float("CLIENT_BODY_TIMEOUT_S", 10.0),
+            registry_timeout_s=_float("REGISTRY_TIMEOUT_S", 10.0),
         )
 
 

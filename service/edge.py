@@ -1,0 +1,250 @@
+"""What every HTTP request meets first, before any route: the service's edge.
+
+- Only known paths go further; anything else is a ``404 {"error": …}`` answered here. BentoML's
+  request metrics are labelled by route template, with every unknown path as ``unmatched``
+  (:func:`label_metrics_by_route`): 20,000 random paths used to add 400,000 lines to ``/metrics``.
+- A request body must arrive within ``CLIENT_BODY_TIMEOUT_S`` (else 408) and under ``MAX_BODY_BYTES``
+  (else 413), and it is read *before* the request takes one of ``SERVICE_MAX_CONCURRENCY`` slots:
+  clients that connect and never send cannot lock out clients that do.
+- Request headers must arrive within ``CLIENT_HEADER_TIMEOUT_S`` (:class:`HeaderTimeoutProtocol`, an
+  uvicorn protocol, since headers are read before any ASGI code runs), else 408 and the connection
+  is closed.
+- Every answer carries ``X-Content-Type-Options: nosniff``; the draw page a Content-Security-Policy
+  that allows only its own origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import bentoml
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service import tfserving
+from service.errors import error_body
+
+PROBES = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # never queued behind predictions
+BENTOML_ROUTES = {"/": {"GET"}, "/docs.json": {"GET"}, **{path: {"GET"} for path in PROBES}}
+BENTOML_STATIC = Path(bentoml.__file__).parent / "_internal" / "server" / "static_content"
+METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+DRAW_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    max_body_bytes: int
+    body_timeout_s: float
+    max_concurrency: int
+
+
+class RouteTable:
+    """The paths this service answers, as (route template, allowed methods); built once."""
+
+    def __init__(self, app_routes: list[Any]) -> None:
+        self.exact: dict[str, set[str]] = {path: set(methods) for path, methods in BENTOML_ROUTES.items()}
+        for route in app_routes:
+            if "{" not in route.path:
+                self.exact.setdefault(route.path, set()).update(getattr(route, "methods", None) or {"GET"})
+        self.static = {f"/static_content/{p.relative_to(BENTOML_STATIC)}" for p in BENTOML_STATIC.rglob("*") if p.is_file()}
+
+    def match(self, path: str) -> tuple[str, set[str]] | None:
+        """(label, methods) for a path this service answers, or None."""
+        methods = self.exact.get(path)
+        if methods is not None:
+            return path, methods
+        if path in self.static:
+            return "/static_content", {"GET", "HEAD"}
+        route = tfserving.parse_model_path(path.removeprefix("/v1/models/")) if path.startswith("/v1/models/") else None
+        if route is None or route.name != tfserving.MODEL_NAME:
+            return None
+        if route.verb == "predict":
+            return "/v1/models/{model}:predict", {"POST"}
+        if route.verb in (None, "metadata"):
+            return f"/v1/models/{{model}}{'/metadata' if route.verb else ''}", {"GET"}
+        return None
+
+
+class Edge:
+    """Raw ASGI, outermost of the service's own middlewares (inside BentoML's request timeout)."""
+
+    def __init__(self, app: Callable, limits: EdgeLimits, routes: Callable[[], RouteTable]) -> None:
+        self.app = app
+        self.limits = limits
+        self._routes = routes
+        self._table: RouteTable | None = None
+        self._slots = asyncio.Semaphore(limits.max_concurrency)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self._table is None:
+            self._table = self._routes()
+        path, method = scope["path"], scope["method"]
+        matched = self._table.match(path)
+        extra = [NOSNIFF, (b"content-security-policy", DRAW_CSP.encode())] if path == "/draw" else [NOSNIFF]
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        if matched is None:
+            return await _answer(send_with_headers, 404, f"no such endpoint: {method} {path}")
+        if method not in matched[1] and not (method == "HEAD" and "GET" in matched[1]):
+            allow = ", ".join(sorted(matched[1]))
+            return await _answer(send_with_headers, 405, f"{method} is not allowed on {path}; use {allow}",
+                                 [(b"allow", allow.encode())])
+        if path in PROBES:
+            return await self.app(scope, receive, send_with_headers)
+        if method in METHODS_WITH_BODY:
+            outcome = await self._read_body(receive)
+            if isinstance(outcome, tuple):
+                return await _answer(send_with_headers, *outcome, [(b"connection", b"close")])
+            receive = _replay(outcome, receive)
+        if self._slots.locked():
+            return await _answer(send_with_headers, 429, f"too many requests in flight (at most "
+                                 f"{self.limits.max_concurrency}); retry with backoff", [(b"retry-after", b"1")])
+        async with self._slots:
+            await self.app(scope, receive, send_with_headers)
+
+    async def _read_body(self, receive: Callable) -> bytes | tuple[int, str]:
+        """The whole body, or (status, message) when it is too slow or too large."""
+        limit, deadline = self.limits.max_body_bytes, time.monotonic() + self.limits.body_timeout_s
+        parts, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return 408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s"
+            if message["type"] == "http.disconnect":
+                return 400, "the client disconnected before sending the whole body"
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return 413, f"request body is over the limit of {limit} bytes"
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+
+
+def _replay(body: bytes, receive: Callable) -> Callable:
+    """A ``receive`` that hands over the already-read body once, then waits on the client as before."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _answer(send: Callable, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = error_body(message)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def label_metrics_by_route(routes: Callable[[], RouteTable]) -> None:
+    """Make BentoML's HTTP metrics middleware label requests by route template, not by raw path.
+
+    BentoML 1.4 puts that middleware outside every user middleware and labels by ``scope["path"]``,
+    so each distinct unknown path became a new time series, forever. This swaps in a subclass that
+    shows it the route's label and restores the real path for everything inside it.
+    """
+    from bentoml._internal.server.http import instruments
+
+    original = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(original, "labels_by_route", False):
+        return
+    table: list[RouteTable] = []
+
+    class RouteLabelledMetrics(original):  # type: ignore[misc, valid-type]
+        labels_by_route = True
+
+        def __init__(self, app: Callable, **options: Any) -> None:
+            async def with_real_path(scope: dict, receive: Callable, send: Callable) -> None:
+                if "digits.path" in scope:
+                    scope["path"] = scope.pop("digits.path")
+                await app(scope, receive, send)
+
+            super().__init__(with_real_path, **options)
+
+        async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+            if scope["type"] == "http":
+                if not table:
+                    table.append(routes())
+                matched = table[0].match(scope["path"])
+                scope["digits.path"], scope["path"] = scope["path"], matched[0] if matched else "unmatched"
+            await super().__call__(scope, receive, send)
+
+    instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
+
+
+# -- headers in bounded time ----------------------------------------------------------------------
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus a deadline for each request's headers.
+
+    uvicorn bounds only the idle time between requests, and even that timer stops at the first byte
+    of a new request, so a client trickling a header line now and then holds a connection forever.
+    Installed by :func:`install_header_timeout`.
+    """
+
+    header_timeout_s: float = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.pipeline and not self.transport.is_closing():
+            self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return
+        payload = error_body(f"the request headers did not arrive within {self.header_timeout_s:g} s")
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                             b"x-content-type-options: nosniff\r\nconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(payload), payload))
+        self.transport.close()
+
+
+def install_header_timeout(seconds: float) -> None:
+    """Make uvicorn (as BentoML starts it, ``http="auto"``) use :class:`HeaderTimeoutProtocol`."""
+    from uvicorn import config
+
+    HeaderTimeoutProtocol.header_timeout_s = seconds
+    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:HeaderTimeoutProtocol"
