@@ -1,4 +1,4 @@
-"""``python -m pipeline train | evaluate | promote`` — a thin layer over the pipeline's modules."""
+"""``python -m pipeline train | evaluate | promote | recover`` — a thin layer over the pipeline's modules."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from pipeline.errors import ExportError
+    from pipeline.tracking import StoreMissing
 
     try:
         return args.handler(args)
-    except (ConfigError, DataError, ExportError) as exc:
+    except (ConfigError, DataError, ExportError, StoreMissing, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -31,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     except MlflowException as exc:
         print(f"error: MLflow: {exc.message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the MLflow run is marked FAILED and nothing was registered", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'SIGINT'}): the MLflow run is marked FAILED and nothing was registered",
+              file=sys.stderr)
+        return 143 if "SIGTERM" in str(exc) else 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--name", default="mnist-cnn", help="registered model name [mnist-cnn]")
     promote.add_argument("--alias", default="champion", help="alias to move [champion]")
     promote.set_defaults(handler=_promote)
+
+    recover = sub.add_parser("recover", help="clean up after a training process that died",
+                             description="Mark runs left RUNNING by dead processes FAILED, delete model versions "
+                                         "whose run did not finish (restoring the champion they replaced), remove "
+                                         "their exports and staging directories, break a dead gate lock. "
+                                         "Every train does this first.")
+    recover.add_argument("--config", default="seed", help="config naming the experiment, model and export dir [seed]")
+    recover.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
+                         help="a run from another host is dead after this long without a heartbeat [600]")
+    recover.set_defaults(handler=_recover)
     return parser
 
 
@@ -71,10 +83,12 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.data import resolve_spec
     from pipeline.job import run_training
+    from pipeline.stop import StopSignals
 
+    stop = StopSignals().install()  # SIGTERM as Ctrl-C, and neither inside the commit
     cfg = load_config(args.config, args.overrides)
     spec = resolve_spec(args.data, cfg.data.source, cfg.data.path)
-    result = run_training(cfg, spec)
+    result = run_training(cfg, spec, stop=stop)
     print(f"run id: {result.run_id}")
     print(f"model version: {result.model_version}")
     print(f"gate: {'promoted' if result.promoted else 'not promoted'} ({result.decision.reason})")
@@ -91,7 +105,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline import data, register, tracking
 
-    tracking.setup_uri()
+    tracking.require_existing_store()
     uri = _model_uri(args.name, args.model)
     dataset = data.load(data.resolve_spec(args.data, "keras", None))
     images, labels = (dataset.x_test, dataset.y_test) if args.split == "test" else (dataset.x_train, dataset.y_train)
@@ -106,11 +120,25 @@ def _promote(args: argparse.Namespace) -> int:
 
     from pipeline import tracking
 
-    tracking.setup_uri()
+    tracking.require_existing_store()
     client = MlflowClient()
     client.get_model_version(args.name, args.version)  # clear MLflow error if it does not exist
     client.set_registered_model_alias(args.name, args.alias, args.version)
     print(f"{args.name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline import recover, tracking
+    from pipeline.config import load_config
+
+    tracking.require_existing_store()
+    cfg = load_config(args.config, [])
+    fixes = recover.recover(cfg.registry.model_name, cfg.registry.experiment, Path(cfg.export.base_dir), args.stale_after)
+    if not fixes:
+        print(f"recover: nothing to do ({tracking.tracking_uri()})")
     return 0
 
 

@@ -7,7 +7,9 @@ that sends raw pixels gets correct answers. Layout: ``<base>/mnist/<version>/sav
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.errors import ExportError
+from pipeline.tracking import process_started
 
 SERVABLE_NAME = "mnist"
 SIGNATURE = "serving_default"
@@ -29,7 +32,8 @@ def export_to_staging(model: keras.Model, export_base: Path) -> Path:
     """
     servable_dir = Path(export_base) / SERVABLE_NAME
     servable_dir.mkdir(parents=True, exist_ok=True)
-    staging = servable_dir / f".staging-{uuid.uuid4().hex[:12]}"
+    pid = os.getpid()
+    staging = servable_dir / f".staging-{pid}-{process_started(pid):.0f}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
 
     @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="pixels")])
     def serve(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -82,3 +86,17 @@ def publish(staging: Path, version: int | str) -> Path:
 
 def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def unpublish(path: Path) -> None:
+    """Remove a published export again (the rollback when a later step of the commit fails)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def staging_owner(staging: Path) -> tuple[str, str, str] | None:
+    """(host, pid, process start time) of the process that wrote a staging export, if its name says."""
+    parts = staging.name.split("-", 4)
+    if len(parts) != 5 or not parts[1].isdigit():
+        return None
+    return parts[4], parts[1], parts[2]
+

@@ -8,10 +8,16 @@ shows, with no server to start.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
@@ -27,19 +33,110 @@ def setup_uri() -> str:
     return uri
 
 
-def setup(experiment: str) -> str:
-    """Point MLflow at the tracking store and select (or create) the experiment; returns its id."""
+class StoreMissing(RuntimeError):
+    """A SQLite tracking store that does not exist, where only an existing one makes sense."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def require_existing_store() -> str:
+    """For commands that only read or fix a store (evaluate, promote, recover): never create one."""
     uri = setup_uri()
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise StoreMissing(f"the tracking store {path} does not exist (MLFLOW_TRACKING_URI={uri}); "
+                           "check the path, or train first to create it")
+    return uri
+
+
+def setup(experiment: str, say: Callable[[str], None] = print, attempts: int = 5) -> str:
+    """Point MLflow at the tracking store and select (or create) the experiment; returns its id.
+
+    Two first runs on a new store race to create its tables and the experiment; the loser retries
+    (MLflow raises on the duplicate) instead of dying with a traceback.
+    """
+    uri = setup_uri()
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        say(f"tracking store {path} does not exist yet: creating it")
+    for attempt in range(attempts):
+        try:
+            return _select_experiment(uri, experiment)
+        except Exception:  # a concurrent creator of the same tables or experiment
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _select_experiment(uri: str, experiment: str) -> str:
     existing = mlflow.get_experiment_by_name(experiment)
     if existing is not None:
         mlflow.set_experiment(experiment_id=existing.experiment_id)
         return existing.experiment_id
     artifact_location = None
-    if uri.startswith("sqlite:///"):  # a file store: keep artifacts beside the database
-        artifact_location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / EMBEDDED_ARTIFACTS).as_uri()
+    path = sqlite_path(uri)
+    if path is not None:  # a file store: keep artifacts beside the database
+        artifact_location = (path.resolve().parent / EMBEDDED_ARTIFACTS).as_uri()
     experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+# -- telling live runs from runs whose process died --------------------------------------------------
+
+HOST_TAG, PID_TAG, STARTED_TAG, HEARTBEAT_TAG = "job.host", "job.pid", "job.process_started", "job.heartbeat"
+HEARTBEAT_S = 30.0
+
+
+def liveness_tags() -> dict[str, str]:
+    """Who runs this run: ``recover`` marks a RUNNING run FAILED when this process is gone."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), STARTED_TAG: f"{process_started(os.getpid()):.0f}",
+            HEARTBEAT_TAG: f"{time.time():.0f}"}
+
+
+def process_started(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).create_time()
+
+
+def process_alive(host: str, pid: str, started: str) -> bool | None:
+    """Whether the process that tagged a run still runs: None when it ran on another host."""
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    import psutil
+
+    try:
+        return abs(process_started(int(pid)) - float(started or 0)) < 2  # the same process, not a reused pid
+    except (psutil.Error, ValueError):
+        return False
+
+
+class Heartbeat:
+    """Refreshes the run's heartbeat tag every :data:`HEARTBEAT_S` seconds while the job runs."""
+
+    def __init__(self, run_id: str, interval_s: float = HEARTBEAT_S) -> None:
+        self.run_id, self.interval_s = run_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="mlflow-heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        client = MlflowClient()
+        while not self._stop.wait(self.interval_s):
+            try:
+                client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            except (MlflowException, OSError):
+                pass  # a missed beat only makes the run look older; the next one catches up
 
 
 def git_commit() -> str:

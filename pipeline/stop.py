@@ -1,0 +1,49 @@
+"""How the training job treats SIGINT and SIGTERM (what Ctrl-C, ``docker compose stop``, Kubernetes and
+CronJob deadlines send): both the same way, and never in the middle of the commit.
+
+- Outside the commit, a signal raises :class:`KeyboardInterrupt`: the run is marked FAILED and
+  nothing is registered. (During ``fit``, :class:`pipeline.train.StopOnSignal` lets the current batch
+  finish first.)
+- Inside :meth:`StopSignals.deferred` — registering, publishing the export, the gate, finishing the
+  run — a signal is only recorded. The commit completes (or rolls back on an error), so a stop leaves
+  either the whole result or none of it; the job then reports that the stop came too late to undo it.
+"""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    def __init__(self) -> None:
+        self.received: str | None = None  # the name of a signal recorded while deferred
+        self._deferring = False
+
+    def install(self) -> "StopSignals":
+        for sig in SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self._deferring:
+            self.received = self.received or name
+            return
+        raise KeyboardInterrupt(f"stopped by {name}")
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Record SIGINT/SIGTERM instead of raising, until the block ends (and for good if ``keep``)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    def defer_from_now_on(self) -> None:
+        """After the commit: whatever arrives now is too late to change the result; just record it."""
+        self._deferring = True
