@@ -1,5 +1,6 @@
 """The compose stack's pieces as plain processes: PostgreSQL + ``mlflow server`` (started by
-``mlflow/start.sh``, the compose command) + the pipeline over HTTP + the service loading the champion.
+``mlflow/start.sh``, the compose command, with basic auth on) + the pipeline over HTTP signed in as
+``pipeline`` + the service loading the champion signed in as the read-only ``service``.
 
 PostgreSQL comes from ``$TEST_POSTGRES_URL`` (``.ci/run`` installs and starts Debian's server and sets
 it); the test creates and drops its own database, and skips with the reason when no server answers.
@@ -12,6 +13,9 @@ import signal
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
+
+import psutil
 
 import numpy as np
 import pytest
@@ -44,14 +48,35 @@ def postgres_database():
     admin.close()
 
 
+@dataclass(frozen=True)
+class TrackingServer:
+    url: str
+    pid: int
+    secrets: dict[str, str]
+
+    def as_user(self, user: str) -> dict[str, str]:
+        """The environment a client signed in as ``user`` (pipeline, service, admin) runs with."""
+        password = self.secrets[{"pipeline": "MLFLOW_PIPELINE_PASSWORD", "service": "MLFLOW_SERVICE_PASSWORD",
+                                 "admin": "MLFLOW_AUTH_ADMIN_PASSWORD"}[user]]
+        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+
+    def auth(self, user: str) -> tuple[str, str]:
+        env = self.as_user(user)
+        return env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+
+
 @pytest.fixture(scope="module")
 def tracking_server(postgres_database, tmp_path_factory):
     artifacts = tmp_path_factory.mktemp("artifacts")
     port = free_port()
-    log_path = tmp_path_factory.mktemp("mlflow") / "mlflow.log"
+    home = tmp_path_factory.mktemp("mlflow")
+    log_path = home / "mlflow.log"
+    secrets = {name: uuid.uuid4().hex for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                                                   "MLFLOW_PIPELINE_PASSWORD", "MLFLOW_SERVICE_PASSWORD")}
     env = child_env({"MLFLOW_BACKEND_STORE_URI": postgres_database, "MLFLOW_ARTIFACTS_DESTINATION": artifacts.as_uri(),
-                          "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
-                          "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port},127.0.0.1,localhost:{port}"})
+                     "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1", "TMPDIR": str(home),
+                     "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port},127.0.0.1,localhost:{port}",
+                     "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{home / 'basic_auth.db'}", **secrets})
     with log_path.open("w") as log:
         process = subprocess.Popen(["sh", str(REPO_ROOT / "mlflow" / "start.sh")], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
@@ -67,7 +92,7 @@ def tracking_server(postgres_database, tmp_path_factory):
                 time.sleep(1)
         else:
             raise AssertionError(f"mlflow server did not come up:\n{log_path.read_text()[-3000:]}")
-        yield url
+        yield TrackingServer(url, process.pid, secrets)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -83,14 +108,36 @@ def test_compose_uses_the_same_start_command():
 
 
 def test_server_refuses_host_names_it_does_not_list(tracking_server):
-    search = f"{tracking_server}/api/2.0/mlflow/experiments/search?max_results=1"
-    assert requests.get(search, timeout=10).status_code == 200
-    assert requests.get(search, headers={"Host": "elsewhere.example:5000"}, timeout=10).status_code == 403
-    assert requests.get(f"{tracking_server}/health", headers={"Host": "elsewhere.example:5000"}, timeout=10).status_code == 200
+    search = f"{tracking_server.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    reader = tracking_server.auth("service")
+    assert requests.get(search, auth=reader, timeout=10).status_code == 200
+    assert requests.get(search, auth=reader, headers={"Host": "elsewhere.example:5000"}, timeout=10).status_code == 403
+    assert requests.get(f"{tracking_server.url}/health", headers={"Host": "elsewhere.example:5000"}, timeout=10).status_code == 200
+
+
+def test_anonymous_and_wrong_password_requests_are_rejected(tracking_server):
+    api = f"{tracking_server.url}/api/2.0/mlflow"
+    writes = [("post", "experiments/create", {"json": {"name": "intruder"}}),
+              ("post", "registered-models/alias", {"json": {"name": "mnist-cnn", "alias": "champion", "version": "1"}}),
+              ("delete", "registered-models/delete", {"json": {"name": "mnist-cnn"}})]
+    for method, path, kwargs in writes:
+        for auth in (None, ("pipeline", "wrong-password"), ("admin", "wrong-password"), ("nobody", "x")):
+            answer = getattr(requests, method)(f"{api}/{path}", auth=auth, timeout=10, **kwargs)
+            assert answer.status_code == 401, (path, auth, answer.status_code, answer.text[:200])
+    assert requests.get(f"{api}/experiments/search?max_results=1", timeout=10).status_code == 401
+
+
+def test_no_secret_shows_on_a_command_line(tracking_server, postgres_database):
+    password = postgres_database.split("://", 1)[1].split("@", 1)[0].partition(":")[2]
+    secrets = [value for value in (password, *tracking_server.secrets.values()) if value]
+    server = psutil.Process(tracking_server.pid)
+    for process in [server, *server.children(recursive=True)]:
+        command_line = " ".join(process.cmdline())
+        assert not [secret for secret in secrets if secret in command_line], command_line
 
 
 def test_train_register_promote_and_serve_through_the_tracking_server(tracking_server, tmp_path, sample):
-    env = {"MLFLOW_TRACKING_URI": tracking_server}
+    env = tracking_server.as_user("pipeline")
     trained = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
                             "--set", "registry.accuracy_floor=0.1", "--set", f"export.base_dir={tmp_path / 'exports'}"],
                            env, tmp_path)
@@ -98,7 +145,7 @@ def test_train_register_promote_and_serve_through_the_tracking_server(tracking_s
     result = last_json_line(trained.stdout)
     assert result["promoted"] is True
 
-    service = start_service({**env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
+    service = start_service({**tracking_server.as_user("service"), "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
     try:
         assert service.process.poll() is None, service.log()[-3000:]
         info = requests.get(f"{service.url}/model", timeout=10).json()
@@ -111,3 +158,21 @@ def test_train_register_promote_and_serve_through_the_tracking_server(tracking_s
         assert {p["model_version"] for p in answer.json()} == {result["model_version"]}
     finally:
         stop_service(service)
+
+
+def test_the_service_user_reads_but_cannot_move_the_champion_or_delete(tracking_server, tmp_path):
+    """After the training above: the read-only user can resolve the champion, not change the registry."""
+    api = f"{tracking_server.url}/api/2.0/mlflow"
+    reader = tracking_server.auth("service")
+    found = requests.get(f"{api}/registered-models/alias", params={"name": "mnist-cnn", "alias": "champion"},
+                         auth=reader, timeout=10)
+    assert found.status_code == 200, found.text
+    version = found.json()["model_version"]["version"]
+    moved = requests.post(f"{api}/registered-models/alias", auth=reader, timeout=10,
+                          json={"name": "mnist-cnn", "alias": "champion", "version": version})
+    assert moved.status_code == 403, moved.text
+    deleted = requests.delete(f"{api}/registered-models/delete", auth=reader, json={"name": "mnist-cnn"}, timeout=10)
+    assert deleted.status_code == 403, deleted.text
+    promote = run_pipeline(["promote", version], tracking_server.as_user("service"), tmp_path)
+    assert promote.returncode == 2 and "Permission denied" in promote.stderr and "Traceback" not in promote.stderr
+    assert run_pipeline(["promote", version], tracking_server.as_user("pipeline"), tmp_path).returncode == 0
