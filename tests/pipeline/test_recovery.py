@@ -138,8 +138,8 @@ def test_a_stop_during_the_commit_completes_it_and_says_so(store, sig, step):
     assert state["champion"] == ("2" if last_json_line(stdout)["promoted"] else "1")
 
 
-@pytest.mark.parametrize("step", ["register", "publish", "gate"])
-def test_kill_9_during_the_commit_then_recover_leaves_no_trace(store, step):
+@pytest.mark.parametrize("step", ["train", "export", "register", "publish", "gate"])
+def test_kill_9_at_each_step_then_recover_leaves_no_trace(store, step):
     process = _start(store, step, "epochs=2")
     _wait_for(process, f"step: {step}")
     time.sleep(0.5)

@@ -1,0 +1,39 @@
+"""SIGINT and SIGTERM as the training job sees them, in-process."""
+
+import os
+import signal
+
+import pytest
+
+from pipeline.stop import StopSignals
+
+
+@pytest.fixture
+def stop():
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield StopSignals().install()
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_outside_the_commit_interrupts(stop, sig):
+    with pytest.raises(KeyboardInterrupt, match=f"stopped by {sig.name}"):
+        os.kill(os.getpid(), sig)  # Python runs the handler right after this call returns
+
+
+def test_a_signal_inside_the_commit_is_recorded_and_the_commit_finishes(stop):
+    finished = False
+    with stop.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        finished = True
+    assert finished and stop.received == "SIGTERM"  # the first one is the one reported
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_after_the_commit_nothing_interrupts_any_more(stop):
+    stop.defer_from_now_on()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.received == "SIGINT"
