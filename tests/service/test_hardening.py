@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -191,32 +190,29 @@ def test_reloads_leave_no_downloaded_copies_behind(strict, trained_registry):
     assert downloads == [], downloads  # the served version's copy went once TensorFlow had loaded it
 
 
+def _start_up_log_of_a_service_that_cannot_start(env: dict[str, str], tmp_path: Path, within_s: float = 60) -> str:
+    """Start a service that must exit 3 within ``within_s`` with one line and no traceback; its log."""
+    started = time.monotonic()
+    running = start_service(env, tmp_path / "service.log", timeout=120)
+    try:
+        assert running.process.wait(timeout=within_s) == 3
+    finally:
+        stop_service(running)
+    assert time.monotonic() - started < within_s
+    assert "Traceback" not in running.log(), running.log()[-2000:]
+    return running.log()
+
+
 def test_a_missing_sqlite_store_is_reported_not_created(tmp_path):
     store = tmp_path / "typo" / "mlfow.db"
     (tmp_path / "typo").mkdir()
-    started = time.monotonic()
-    running = start_service({"MLFLOW_TRACKING_URI": f"sqlite:///{store}", "MODEL_URI": "models:/mnist-cnn@champion"},
-                            tmp_path / "service.log", timeout=120)
-    try:
-        assert running.process.wait(timeout=60) == 3
-    finally:
-        stop_service(running)
-    assert "does not exist" in running.log() and "Traceback" not in running.log()
-    assert not store.exists()
-    assert time.monotonic() - started < 60
+    log = _start_up_log_of_a_service_that_cannot_start({"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}, tmp_path)
+    assert "does not exist" in log and not store.exists()
 
 
 def test_registry_down_at_start_exits_quickly_with_one_line(tmp_path):
-    started = time.monotonic()
-    running = start_service({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "REGISTRY_TIMEOUT_S": "4"},
-                            tmp_path / "service.log", timeout=120)
-    try:
-        assert running.process.wait(timeout=90) == 3
-    finally:
-        stop_service(running)
-    log = running.log()
-    assert "cannot reach the MLflow tracking store" in log and "Traceback" not in log, log[-2000:]
-    assert time.monotonic() - started < 60
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "REGISTRY_TIMEOUT_S": "4"}
+    assert "cannot reach the MLflow tracking store" in _start_up_log_of_a_service_that_cannot_start(env, tmp_path)
 
 
 def test_reload_during_a_registry_outage_fails_fast_with_503(trained_registry, tmp_path):
