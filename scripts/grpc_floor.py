@@ -9,7 +9,6 @@ Its requests/s is the ceiling for gRPC through one Python worker, before any par
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing
 import sys
 import tempfile

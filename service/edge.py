@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -114,23 +113,22 @@ class Edge:
 
     async def _read_body(self, receive: Callable) -> bytes | tuple[int, str]:
         """The whole body, or (status, message) when it is too slow or too large."""
-        limit, deadline = self.limits.max_body_bytes, time.monotonic() + self.limits.body_timeout_s
-        parts, size = [], 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                return 408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s"
-            if message["type"] == "http.disconnect":
-                return 400, "the client disconnected before sending the whole body"
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return 413, f"request body is over the limit of {limit} bytes"
-            parts.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(parts)
-
+        limit, parts, size = self.limits.max_body_bytes, [], 0
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):  # one timer for the whole body, no task
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return 400, "the client disconnected before sending the whole body"
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        return 413, f"request body is over the limit of {limit} bytes"
+                    parts.append(chunk)
+                    if not message.get("more_body", False):
+                        return parts[0] if len(parts) == 1 else b"".join(parts)
+        except TimeoutError:
+            return 408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s"
 
 
 def _replay(body: bytes, receive: Callable) -> Callable:
