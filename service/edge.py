@@ -83,6 +83,8 @@ class Edge:
             return await self.app(scope, receive, send)
         if self._table is None:
             self._table = self._routes()
+        if "digits.path" in scope:  # shown to the metrics middleware as its route label
+            scope["path"] = scope.pop("digits.path")
         path, method = scope["path"], scope["method"]
         matched = self._table.match(path)
         extra = [NOSNIFF, (b"content-security-policy", DRAW_CSP.encode())] if path == "/draw" else [NOSNIFF]
@@ -158,7 +160,7 @@ def label_metrics_by_route(routes: Callable[[], RouteTable]) -> None:
 
     BentoML 1.4 puts that middleware outside every user middleware and labels by ``scope["path"]``,
     so each distinct unknown path became a new time series, forever. This swaps in a subclass that
-    shows it the route's label and restores the real path for everything inside it.
+    shows it the route's label; :class:`Edge`, the next of ours, puts the real path back.
     """
     from bentoml._internal.server.http import instruments
 
@@ -169,14 +171,6 @@ def label_metrics_by_route(routes: Callable[[], RouteTable]) -> None:
 
     class RouteLabelledMetrics(original):  # type: ignore[misc, valid-type]
         labels_by_route = True
-
-        def __init__(self, app: Callable, **options: Any) -> None:
-            async def with_real_path(scope: dict, receive: Callable, send: Callable) -> None:
-                if "digits.path" in scope:
-                    scope["path"] = scope.pop("digits.path")
-                await app(scope, receive, send)
-
-            super().__init__(with_real_path, **options)
 
         async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
             if scope["type"] == "http":
