@@ -103,9 +103,8 @@ def _export_and_commit(cfg: PipelineConfig, result: TrainResult, evaluation: eva
         export.verify_export(staging, result.model, splits.x_test[:VERIFY_BATCH])
         say("export verified: the reloaded SavedModel agrees with the trained model")
         info = register.log_model(result.model, staging)
-        with stop.deferred():
+        with stop.deferred(keep=True):
             outcome, version, export_path = _commit(cfg, info.model_uri, staging, evaluation, splits, run_id, say)
-            stop.defer_from_now_on()
     finally:
         export.discard(staging)  # a no-op once published
     decision = outcome.decision

@@ -36,14 +36,11 @@ class StopSignals:
         raise KeyboardInterrupt(f"stopped by {name}")
 
     @contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Record SIGINT/SIGTERM instead of raising, until the block ends (and for good if ``keep``)."""
+    def deferred(self, keep: bool = False) -> Iterator[None]:
+        """Record SIGINT/SIGTERM instead of raising until the block ends — and after it, with ``keep``
+        (once the commit is done, whatever arrives is too late to change the result)."""
         self._deferring = True
         try:
             yield
         finally:
-            self._deferring = False
-
-    def defer_from_now_on(self) -> None:
-        """After the commit: whatever arrives now is too late to change the result; just record it."""
-        self._deferring = True
+            self._deferring = keep

@@ -33,7 +33,8 @@ def test_a_signal_inside_the_commit_is_recorded_and_the_commit_finishes(stop):
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_after_the_commit_nothing_interrupts_any_more(stop):
-    stop.defer_from_now_on()
-    os.kill(os.getpid(), signal.SIGINT)
+def test_after_a_kept_commit_nothing_interrupts_any_more(stop):
+    with stop.deferred(keep=True):
+        pass
+    os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt without keep
     assert stop.received == "SIGINT"
