@@ -7,13 +7,15 @@ shows, with no server to start.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlflow
 from mlflow import MlflowClient
@@ -54,21 +56,38 @@ def require_existing_store() -> str:
 def setup(experiment: str, say: Callable[[str], None] = print, attempts: int = 5) -> str:
     """Point MLflow at the tracking store and select (or create) the experiment; returns its id.
 
-    Two first runs on a new store race to create its tables and the experiment; the loser retries
-    (MLflow raises on the duplicate) instead of dying with a traceback.
+    Two first runs on a new SQLite store take turns (a file lock beside it) to create its tables
+    and the experiment; on a server store the loser of the race retries.
     """
     uri = setup_uri()
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
         say(f"tracking store {path} does not exist yet: creating it")
-    for attempt in range(attempts):
-        try:
-            return _select_experiment(uri, experiment)
-        except Exception:  # a concurrent creator of the same tables or experiment
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5 + attempt)
+    with _first_contact_lock(path):
+        for attempt in range(attempts):
+            try:
+                return _select_experiment(uri, experiment)
+            except Exception:  # a concurrent creator of the same experiment (on a server store)
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 + attempt)
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _first_contact_lock(path: Path | None) -> Iterator[None]:
+    """Serialise processes opening one SQLite store: MLflow migrates a new store's schema on first
+    contact, and two processes migrating at once can leave it half-migrated for good."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _select_experiment(uri: str, experiment: str) -> str:

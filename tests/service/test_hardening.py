@@ -192,7 +192,9 @@ def test_admin_needs_the_bearer_scheme_and_guessing_is_rate_limited(strict):
 
 
 def test_reloads_leave_no_downloaded_copies_behind(strict, trained_registry):
-    downloads = [p for p in Path(strict.log_path.parent).glob("digits-models-*/*")]
+    workdirs = list(Path(strict.log_path.parent).glob("digits-models-*"))
+    assert len(workdirs) == 1, workdirs  # the worker downloaded from the registry here (TMPDIR) ...
+    downloads = list(workdirs[0].iterdir())
     assert downloads == [], downloads  # the served version's copy went once TensorFlow had loaded it
 
 
