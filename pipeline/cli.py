@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from contract import CHAMPION, REGISTERED_MODEL, registry_uri
+from pipeline import quiet
+
+DEFAULT_CONFIG = "champion"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # Heavy imports after parsing, so --help and usage errors answer at once.
+    quiet.import_tensorflow()
     from mlflow.exceptions import MlflowException
 
-    from pipeline.config import ConfigError
-    from pipeline.data import DataError
-    from pipeline.errors import ExportError
-    from pipeline.tracking import StoreMissing
+    from pipeline.errors import PipelineError
 
     try:
         return args.handler(args)
-    except (ConfigError, DataError, ExportError, StoreMissing, TimeoutError) as exc:
+    except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train, export, register and gate a model",
                            description="Train a config, log it to MLflow, export a SavedModel, register it "
                                        "as the challenger and promote it to champion if it passes the gate.")
-    train.add_argument("--config", default="seed", help="named config (seed, champion) or a .yaml path [seed]")
+    train.add_argument("--config", default=DEFAULT_CONFIG,
+                       help=f"named config (champion: our best, ~10 min on 2 CPU cores; seed: the notebook's, ~1 min) "
+                            f"or a .yaml path [{DEFAULT_CONFIG}]")
     train.add_argument("--data", help="keras | path to a Keras-layout .npz | directory of IDX files "
                                       "(default: $PIPELINE_DATA, then the config's data.source)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -54,17 +56,17 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="evaluate a registered model version on a dataset",
                               description="Download a registered version's SavedModel and report its accuracy.")
-    evaluate.add_argument("--model", default="champion",
-                          help="alias (champion), version number (3) or models:/ URI [champion]")
-    evaluate.add_argument("--name", default="mnist-cnn", help="registered model name [mnist-cnn]")
+    evaluate.add_argument("--model", default=CHAMPION,
+                          help=f"alias ({CHAMPION}), version number (3) or models:/ URI [{CHAMPION}]")
+    evaluate.add_argument("--name", default=REGISTERED_MODEL, help=f"registered model name [{REGISTERED_MODEL}]")
     evaluate.add_argument("--data", help="as for train (default: $PIPELINE_DATA, then keras)")
     evaluate.add_argument("--split", choices=["test", "train"], default="test", help="which split to score [test]")
     evaluate.set_defaults(handler=_evaluate)
 
     promote = sub.add_parser("promote", help="move an alias (champion) to a version by hand")
     promote.add_argument("version", help="model version number")
-    promote.add_argument("--name", default="mnist-cnn", help="registered model name [mnist-cnn]")
-    promote.add_argument("--alias", default="champion", help="alias to move [champion]")
+    promote.add_argument("--name", default=REGISTERED_MODEL, help=f"registered model name [{REGISTERED_MODEL}]")
+    promote.add_argument("--alias", default=CHAMPION, help=f"alias to move [{CHAMPION}]")
     promote.set_defaults(handler=_promote)
 
     recover = sub.add_parser("recover", help="clean up after a training process that died",
@@ -72,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "whose run did not finish (restoring the champion they replaced), remove "
                                          "their exports and staging directories, break a dead gate lock. "
                                          "Every train does this first.")
-    recover.add_argument("--config", default="seed", help="config naming the experiment, model and export dir [seed]")
+    recover.add_argument("--config", default=DEFAULT_CONFIG,
+                         help=f"config naming the experiment, model and export dir [{DEFAULT_CONFIG}]")
     recover.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
                          help="a run from another host is dead after this long without a heartbeat [600]")
     recover.set_defaults(handler=_recover)
@@ -103,27 +106,23 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline import data, register, tracking
+    from pipeline import data, evaluate, tracking
 
     tracking.require_existing_store()
-    uri = _model_uri(args.name, args.model)
+    uri = args.model if args.model.startswith("models:/") else registry_uri(args.name, args.model)
     dataset = data.load(data.resolve_spec(args.data, "keras", None))
     images, labels = (dataset.x_test, dataset.y_test) if args.split == "test" else (dataset.x_train, dataset.y_train)
-    accuracy = register.saved_model_accuracy(uri, images, labels)
+    accuracy = evaluate.registered_accuracy(uri, images, labels)
     print(f"{uri}: {args.split} accuracy {accuracy:.4f} on {len(labels)} images ({dataset.spec.describe()})")
     print(json.dumps({"model_uri": uri, "split": args.split, "accuracy": round(accuracy, 6), "images": len(labels)}))
     return 0
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
+    from pipeline import register, tracking
 
     tracking.require_existing_store()
-    client = MlflowClient()
-    client.get_model_version(args.name, args.version)  # clear MLflow error if it does not exist
-    client.set_registered_model_alias(args.name, args.alias, args.version)
+    register.promote(args.name, args.version, args.alias)
     print(f"{args.name}@{args.alias} -> version {args.version}")
     return 0
 
@@ -141,8 +140,3 @@ def _recover(args: argparse.Namespace) -> int:
         print(f"recover: nothing to do ({tracking.tracking_uri()})")
     return 0
 
-
-def _model_uri(name: str, model: str) -> str:
-    if model.startswith("models:/"):
-        return model
-    return f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"

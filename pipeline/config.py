@@ -8,11 +8,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+import contract
+from pipeline.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the problem."""
 
 
 class _Strict(BaseModel):
@@ -59,6 +58,7 @@ class TrainingConfig(_Strict):
     strategy: Literal["default", "mirrored"] = "default"
     logical_cpus: int = Field(0, ge=0)
     inter_op_threads: int = Field(0, ge=0)
+    log_every_n_steps: int = Field(50, gt=0)  # batch metrics in MLflow during an epoch
 
 
 class ExportConfig(_Strict):
@@ -66,9 +66,16 @@ class ExportConfig(_Strict):
 
 
 class RegistryConfig(_Strict):
-    model_name: str = "mnist-cnn"
-    experiment: str = "mnist"
+    model_name: str = contract.REGISTERED_MODEL
+    experiment: str = contract.EXPERIMENT
     accuracy_floor: float = Field(0.95, ge=0.0, le=1.0)
+
+
+class EstimateConfig(_Strict):
+    """How fast this config trained on a reference machine: the job tells the user the wait before it starts."""
+
+    images_per_s: float | None = Field(None, gt=0)  # training images per second, all epochs' overheads included
+    measured_on: str = "2 CPU cores"
 
 
 class PipelineConfig(_Strict):
@@ -80,10 +87,11 @@ class PipelineConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     export: ExportConfig = ExportConfig()
     registry: RegistryConfig = RegistryConfig()
+    estimate: EstimateConfig = EstimateConfig()
 
     def flat(self) -> dict[str, Any]:
-        """The resolved config as ``section.key`` -> value, for MLflow params."""
-        return _flatten(self.model_dump(mode="json"))
+        """The resolved hyperparameters as ``section.key`` -> value, for MLflow params (not the estimate)."""
+        return _flatten(self.model_dump(mode="json", exclude={"estimate"}))
 
 
 def available_configs() -> list[str]:

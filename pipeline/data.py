@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from contract import IMAGE_SHAPE, NUM_CLASSES
+from pipeline.errors import DataError
+
 DATA_ENV_VAR = "PIPELINE_DATA"
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
 
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -26,10 +27,6 @@ IDX_FILES = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 _IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}
-
-
-class DataError(ValueError):
-    """The data cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +198,7 @@ def _check(name: str, array: np.ndarray, spec: DataSpec) -> None:
         if array.dtype != np.uint8:
             raise DataError(f"{where} has dtype {array.dtype}, expected uint8 pixels")
         if array.ndim != 3 or array.shape[1:] != IMAGE_SHAPE:
-            raise DataError(f"{where} has shape {array.shape}, expected (N, 28, 28)")
+            raise DataError(f"{where} has shape {array.shape}, expected (N, {IMAGE_SHAPE[0]}, {IMAGE_SHAPE[1]})")
     else:
         if not np.issubdtype(array.dtype, np.integer):
             raise DataError(f"{where} has dtype {array.dtype}, expected integer labels")
@@ -209,6 +206,6 @@ def _check(name: str, array: np.ndarray, spec: DataSpec) -> None:
             raise DataError(f"{where} has shape {array.shape}, expected (N,)")
         if array.size and (array.min() < 0 or array.max() >= NUM_CLASSES):
             bad = int(array.min()) if array.min() < 0 else int(array.max())
-            raise DataError(f"{where} has label {bad}; labels must be 0-9")
+            raise DataError(f"{where} has label {bad}; labels must be 0-{NUM_CLASSES - 1}")
     if len(array) == 0:
         raise DataError(f"{where} is empty")

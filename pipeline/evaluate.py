@@ -1,7 +1,9 @@
-"""Test-set metrics and the plots people review in the MLflow UI."""
+"""Scoring: test-set metrics of a trained model, the accuracy of a registered version, and the
+plots people review in the MLflow UI."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +15,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import classification_report, confusion_matrix, log_loss, precision_recall_fscore_support  # noqa: E402
 
-from pipeline.model import first_conv_layer  # noqa: E402
+from contract import NUM_CLASSES  # noqa: E402
+from pipeline.export import predict_savedmodel  # noqa: E402
+from pipeline.model import first_conv_layer, model_input  # noqa: E402
+from pipeline.register import download_saved_model  # noqa: E402
 
-LABELS = list(range(10))
+LABELS = list(range(NUM_CLASSES))
 
 
 @dataclass
@@ -53,24 +58,42 @@ def evaluate_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> Eva
     )
 
 
-def plot_curves(history: dict[str, list[float]], out_dir: Path) -> list[Path]:
-    paths = []
-    for metric in ("accuracy", "loss"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        epochs = np.arange(1, len(history[metric]) + 1)
-        ax.plot(epochs, history[metric], marker="o", label=f"train {metric}")
-        if f"val_{metric}" in history:
-            ax.plot(epochs, history[f"val_{metric}"], marker="o", label=f"validation {metric}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric.capitalize()} per epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        paths.append(_save(fig, out_dir / f"{metric}_curve.png"))
-    return paths
+def registered_accuracy(model_uri: str, images: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of a registered version (``models:/name@alias`` or ``models:/name/3``) through its SavedModel:
+    what ``python -m pipeline evaluate`` reports, and how the gate re-scores the champion."""
+    with tempfile.TemporaryDirectory(prefix="mnist-eval-") as tmp:
+        probabilities = predict_savedmodel(download_saved_model(model_uri, Path(tmp)), images)
+    return float((probabilities.argmax(1) == labels).mean())
 
 
-def plot_confusion_matrix(evaluation: Evaluation, out_dir: Path) -> Path:
+def figures(model: keras.Model, history: dict[str, list[float]], evaluation: Evaluation,
+            images: np.ndarray) -> dict[str, plt.Figure]:
+    """Every plot of a training run by file name; the caller logs and closes them."""
+    return {
+        "accuracy_curve.png": plot_curve(history, "accuracy"),
+        "loss_curve.png": plot_curve(history, "loss"),
+        "confusion_matrix.png": plot_confusion_matrix(evaluation),
+        "misclassified.png": plot_misclassified(images, evaluation),
+        "feature_maps.png": plot_feature_maps(model, images[0]),
+    }
+
+
+def plot_curve(history: dict[str, list[float]], metric: str) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = np.arange(1, len(history[metric]) + 1)
+    ax.plot(epochs, history[metric], marker="o", label=f"train {metric}")
+    if f"val_{metric}" in history:
+        ax.plot(epochs, history[f"val_{metric}"], marker="o", label=f"validation {metric}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric.capitalize()} per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(evaluation: Evaluation) -> plt.Figure:
     matrix = confusion_matrix(evaluation.labels, evaluation.predictions, labels=LABELS)
     fig, ax = plt.subplots(figsize=(7, 6))
     image = ax.imshow(matrix, cmap="Blues")
@@ -84,27 +107,29 @@ def plot_confusion_matrix(evaluation: Evaluation, out_dir: Path) -> Path:
     for (row, col), count in np.ndenumerate(matrix):
         ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
                 color="white" if count > threshold else "black")
-    return _save(fig, out_dir / "confusion_matrix.png")
+    fig.tight_layout()
+    return fig
 
 
-def plot_misclassified(images: np.ndarray, evaluation: Evaluation, out_dir: Path, limit: int = 36) -> Path:
+def plot_misclassified(images: np.ndarray, evaluation: Evaluation, limit: int = 36) -> plt.Figure:
     wrong = np.flatnonzero(evaluation.predictions != evaluation.labels)[:limit]
     cols = 6
     rows = max(1, int(np.ceil(len(wrong) / cols)))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8))
     for ax in np.atleast_1d(axes).ravel():
         ax.axis("off")
-    for ax, index in zip(np.atleast_1d(axes).ravel(), wrong):
+    for ax, index in zip(np.atleast_1d(axes).ravel(), wrong, strict=False):
         ax.imshow(images[index], cmap="gray_r")
         ax.set_title(f"true {evaluation.labels[index]} / pred {evaluation.predictions[index]}", fontsize=8)
     fig.suptitle(f"Misclassified test digits ({int((evaluation.predictions != evaluation.labels).sum())} in all)")
-    return _save(fig, out_dir / "misclassified.png")
+    fig.tight_layout()
+    return fig
 
 
-def plot_feature_maps(model: keras.Model, image: np.ndarray, out_dir: Path) -> Path:
+def plot_feature_maps(model: keras.Model, image: np.ndarray) -> plt.Figure:
     conv = first_conv_layer(model)
     extractor = keras.Model(model.input, conv.output)
-    maps = keras.ops.convert_to_numpy(extractor(image.astype(np.float32)[None, ..., None], training=False))[0]
+    maps = keras.ops.convert_to_numpy(extractor(model_input(image[None]), training=False))[0]
     channels = maps.shape[-1]
     cols = min(8, channels)
     rows = int(np.ceil(channels / cols))
@@ -119,12 +144,5 @@ def plot_feature_maps(model: keras.Model, image: np.ndarray, out_dir: Path) -> P
         ax.imshow(maps[..., channel], cmap="viridis")
         ax.set_title(f"{conv.name}[{channel}]", fontsize=7)
     fig.suptitle(f"Feature maps of the first conv layer ({conv.name})")
-    return _save(fig, out_dir / "feature_maps.png")
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -1,6 +1,7 @@
-"""TensorFlow SavedModel export whose ``serving_default`` takes raw uint8 pixels.
+"""TensorFlow SavedModel export whose signature (``contract.SIGNATURE``) takes raw uint8 pixels.
 
-Signature: ``pixels`` uint8 ``[N, 28, 28]`` -> ``probabilities`` float32 ``[N, 10]``, ``digit`` int64 ``[N]``.
+Signature ``serving_default``: ``pixels`` uint8 ``[N, 28, 28]`` -> ``probabilities`` float32 ``[N, 10]``,
+``digit`` int64 ``[N]``.
 Everything between raw pixels and probabilities is inside the graph, so a TensorFlow Serving client
 that sends raw pixels gets correct answers. Layout: ``<base>/mnist/<version>/saved_model.pb``.
 """
@@ -17,11 +18,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from contract import IMAGE_SHAPE, SIGNATURE, servable_dir
 from pipeline.errors import ExportError
+from pipeline.model import model_input
 from pipeline.tracking import process_started
-
-SERVABLE_NAME = "mnist"
-SIGNATURE = "serving_default"
 
 
 def export_to_staging(model: keras.Model, export_base: Path) -> Path:
@@ -30,22 +30,22 @@ def export_to_staging(model: keras.Model, export_base: Path) -> Path:
     TensorFlow Serving ignores directories whose names are not numbers, so a staged export is never
     picked up half-written; :func:`publish` renames it into place once it has a version number.
     """
-    servable_dir = Path(export_base) / SERVABLE_NAME
-    servable_dir.mkdir(parents=True, exist_ok=True)
+    servable = servable_dir(export_base)
+    servable.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
-    staging = servable_dir / f".staging-{pid}-{process_started(pid):.0f}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
+    staging = servable / f".staging-{pid}-{process_started(pid):.0f}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="pixels")])
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name=SIGNATURE.input)])
     def serve(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = model(tf.cast(pixels, tf.float32)[..., None], training=False)
+        probabilities = model(model_input(pixels), training=False)
         return {
-            "probabilities": tf.cast(probabilities, tf.float32),
-            "digit": tf.argmax(probabilities, axis=-1, output_type=tf.int64),
+            SIGNATURE.probabilities: tf.cast(probabilities, tf.float32),
+            SIGNATURE.digit: tf.argmax(probabilities, axis=-1, output_type=tf.int64),
         }
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(SIGNATURE, serve)
+    archive.add_endpoint(SIGNATURE.name, serve)
     try:
         archive.write_out(str(staging), verbose=False)
     except BaseException:
@@ -56,9 +56,9 @@ def export_to_staging(model: keras.Model, export_base: Path) -> Path:
 
 def predict_savedmodel(path: Path, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Probabilities from a SavedModel's ``serving_default`` on uint8 ``[N, 28, 28]`` images."""
-    serve = tf.saved_model.load(str(path)).signatures[SIGNATURE]
+    serve = tf.saved_model.load(str(path)).signatures[SIGNATURE.name]
     chunks = [
-        serve(pixels=tf.constant(images[start:start + batch_size], dtype=tf.uint8))["probabilities"].numpy()
+        serve(**{SIGNATURE.input: tf.constant(images[start:start + batch_size], dtype=tf.uint8)})[SIGNATURE.probabilities].numpy()
         for start in range(0, len(images), batch_size)
     ]
     return np.concatenate(chunks)
@@ -67,7 +67,7 @@ def predict_savedmodel(path: Path, images: np.ndarray, batch_size: int = 1024) -
 def verify_export(path: Path, model: keras.Model, images: np.ndarray, atol: float = 1e-4) -> None:
     """Reload the export and check it predicts what the in-memory model predicts."""
     exported = predict_savedmodel(path, images)
-    expected = keras.ops.convert_to_numpy(model(images.astype(np.float32)[..., None], training=False))
+    expected = keras.ops.convert_to_numpy(model(model_input(images), training=False))
     if exported.shape != expected.shape or not np.allclose(exported, expected, atol=atol):
         worst = float(np.abs(exported - expected).max()) if exported.shape == expected.shape else float("nan")
         raise ExportError(f"exported SavedModel disagrees with the trained model (max |diff| {worst:.2e})")

@@ -1,34 +1,38 @@
-"""The training job: data -> model -> train -> evaluate -> export -> register -> publish -> gate, in one MLflow run.
+"""The training job in one MLflow run: data -> train -> evaluate -> export (stage, verify, log) -> commit.
 
-A run that fails or is stopped at any step is marked FAILED, registers nothing and leaves no export
-behind; once the commit (register ... finish the run) has begun, it completes or rolls back as a whole.
-What a killed process leaves, the next ``train`` (or ``python -m pipeline recover``) cleans up.
+The commit is register -> publish the export -> gate -> finish the run. A run that fails or is stopped
+before the commit is marked FAILED, registers nothing and leaves no export behind; once the commit has
+begun, it completes or rolls back as a whole. What a killed process leaves, the next ``train`` (or
+``python -m pipeline recover``) cleans up.
 """
 
 from __future__ import annotations
 
-import io
+import logging
 import os
-import tempfile
 import time
 import warnings
-from contextlib import redirect_stdout
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
-import mlflow
-import numpy as np
+import matplotlib.pyplot as plt
 
+import mlflow
+from contract import CHALLENGER, CHAMPION, TEST_ACCURACY_TAG, registry_uri
 from pipeline import data as data_module
 from pipeline import evaluate, export, recover, register, tracking
 from pipeline.config import PipelineConfig
+from pipeline.gate import GateDecision, GateOutcome, gate_and_promote
+from pipeline.model import model_input
 from pipeline.stop import StopSignals
-from pipeline.train import TrainResult, as_model_input, configure_devices, train
+from pipeline.train import TrainResult, configure_devices, duration, train
 
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 VERIFY_BATCH = 512
+SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class JobResult:
     test_accuracy: float
     promoted: bool
     export_path: str
-    decision: register.GateDecision
+    decision: GateDecision
     train_wall_time_s: float
     epochs_run: int
     train_images: int
@@ -51,52 +55,78 @@ def run_training(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Call
     configure_devices(cfg.training)
     tracking.setup(cfg.registry.experiment, say)
     recover.recover(cfg.registry.model_name, cfg.registry.experiment, Path(cfg.export.base_dir), say=say)
-    run = mlflow.start_run(run_name=cfg.name, tags=tracking.liveness_tags())
-    run_id = run.info.run_id
+    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines are noise
+    run = mlflow.start_run(run_name=cfg.name, tags=tracking.liveness_tags(), log_system_metrics=True)
+    run_id, step = run.info.run_id, "start"
     try:
         with tracking.Heartbeat(run_id):
             say(f"MLflow run {run_id} ({tracking.tracking_uri()})")
-            mlflow.set_tags({"config": cfg.name, "git_commit": tracking.git_commit(), "data_source": data_spec.describe()})
-            mlflow.log_params(cfg.flat())
+            mlflow.set_tags({"config": cfg.name, "data_source": data_spec.describe()})
+            mlflow.log_params({**cfg.flat(), "data.source": data_spec.source, "data.path": data_spec.path})
 
-            _step(say, "data")
+            step = _step(say, "data")
             data = data_module.load(data_spec)
             say(f"data: {data_spec.describe()} train={len(data.x_train)} test={len(data.x_test)} digest={data.digest}")
             _log_dataset(data)
             splits = data.split(cfg.data.validation_split, cfg.seed)
 
-            _step(say, "train")
-            result = train(cfg, splits)
+            step = _step(say, "train")
+            say(plan(cfg, len(splits.x_train)))
+            result = train(cfg, splits, say)
             say(f"trained {result.epochs_run} epochs on {result.replicas} replica(s) in {result.wall_time_s:.1f}s")
-            mlflow.set_tag("replicas", str(result.replicas))
-            mlflow.set_tag("training_wall_time_s", f"{result.wall_time_s:.1f}")
+            mlflow.set_tags({"replicas": str(result.replicas), "training_wall_time_s": f"{result.wall_time_s:.1f}"})
             mlflow.log_metrics({"training_wall_time_s": result.wall_time_s, "epochs_run": result.epochs_run})
 
-            _step(say, "evaluate")
-            probabilities = keras.ops.convert_to_numpy(result.model.predict(as_model_input(splits.x_test), batch_size=1024, verbose=0))
-            evaluation = evaluate.evaluate_probabilities(probabilities, splits.y_test)
-            mlflow.log_metrics(evaluation.metrics())
+            step = _step(say, "evaluate")
+            evaluation = _evaluate(result, splits)
             say(f"test accuracy {evaluation.accuracy:.4f}, test loss {evaluation.loss:.4f}, training {result.wall_time_s:.1f}s")
-            _log_artifacts(result.model, result.history, evaluation, splits.x_test)
 
-            return _export_and_commit(cfg, result, evaluation, splits, run_id, say, stop)
-    except BaseException:
-        mlflow.end_run("FAILED")
+            step = "export"
+            return _export_and_commit(cfg, run_id, result, evaluation, splits, say, stop)
+    except BaseException as exc:
+        if mlflow.active_run() is not None:
+            _describe_failure(step, exc)
+            mlflow.end_run("FAILED")
         raise
 
 
-def _step(say: Callable[[str], None], name: str) -> None:
+def plan(cfg: PipelineConfig, train_images: int) -> str:
+    """What training will do and, when the config says how fast it trained on a reference machine, how long."""
+    tcfg = cfg.training
+    line = (f"plan: train {cfg.name} for up to {tcfg.epochs} epochs on {train_images:,} images (batch {tcfg.batch_size}), "
+            "then evaluate, export, register and gate")
+    if cfg.estimate.images_per_s:
+        expected = tcfg.epochs * train_images / cfg.estimate.images_per_s
+        line += (f"; expect about {duration(expected)} of training on {cfg.estimate.measured_on} "
+                 f"({cfg.estimate.images_per_s:,.0f} images/s there); an ETA follows each epoch")
+    return line
+
+
+def _step(say: Callable[[str], None], name: str) -> str:
     """Announce a step of the job. For fault drills and tests, ``PIPELINE_PAUSE_AT=<step>`` pauses
     there for ``PIPELINE_PAUSE_S`` seconds (10), so a signal or a kill can land at a known step."""
     say(f"step: {name}")
     if os.environ.get("PIPELINE_PAUSE_AT") == name:
         time.sleep(float(os.environ.get("PIPELINE_PAUSE_S") or 10))
+    return name
 
 
-def _export_and_commit(cfg: PipelineConfig, result: TrainResult, evaluation: evaluate.Evaluation,
-                       splits: data_module.Splits, run_id: str, say: Callable[[str], None], stop: StopSignals) -> JobResult:
-    """Export, then commit: register, publish, gate, finish the run — all of it, or (rolled back) none."""
-    name = cfg.registry.model_name
+def _evaluate(result: TrainResult, splits: data_module.Splits) -> evaluate.Evaluation:
+    """Score on the test split and log the metrics, the plots and the classification report."""
+    probabilities = keras.ops.convert_to_numpy(result.model.predict(model_input(splits.x_test), batch_size=1024, verbose=0))
+    evaluation = evaluate.evaluate_probabilities(probabilities, splits.y_test)
+    mlflow.log_metrics(evaluation.metrics())
+    for name, figure in evaluate.figures(result.model, result.history, evaluation, splits.x_test).items():
+        mlflow.log_figure(figure, f"plots/{name}")
+        plt.close(figure)
+    mlflow.log_text(evaluation.report(), "classification_report.txt")
+    return evaluation
+
+
+def _export_and_commit(cfg: PipelineConfig, run_id: str, result: TrainResult, evaluation: evaluate.Evaluation,
+                       splits: data_module.Splits, say: Callable[[str], None], stop: StopSignals) -> JobResult:
+    """Stage -> verify -> log the export, then commit it: all of the commit, or (rolled back) none."""
     _step(say, "export")
     staging = export.export_to_staging(result.model, Path(cfg.export.base_dir))
     try:
@@ -104,58 +134,91 @@ def _export_and_commit(cfg: PipelineConfig, result: TrainResult, evaluation: eva
         say("export verified: the reloaded SavedModel agrees with the trained model")
         info = register.log_model(result.model, staging)
         with stop.deferred(keep=True):
-            outcome, version, export_path = _commit(cfg, info.model_uri, staging, evaluation, splits, run_id, say)
+            version, export_path, outcome = _commit(cfg, info.model_uri, staging, evaluation, splits, result, say)
     finally:
         export.discard(staging)  # a no-op once published
     decision = outcome.decision
-    say(f"registered {name} version {version} (alias {register.CHALLENGER})")
-    say(f"gate: {'PROMOTED to ' + register.CHAMPION if decision.promote else 'not promoted'} — {decision.reason}")
+    say(f"registered {cfg.registry.model_name} version {version} (alias {CHALLENGER})")
+    say(f"gate: {'PROMOTED to ' + CHAMPION if decision.promote else 'not promoted'} — {decision.reason}")
     say(f"SavedModel: {export_path}")
     if stop.received:
         say(f"{stop.received} arrived during the commit, too late to undo it: version {version} is complete and the run FINISHED")
-    return JobResult(run_id, version, evaluation.accuracy, decision.promote, str(export_path), decision,
-                     result.wall_time_s, result.epochs_run, len(splits.x_train))
+    return JobResult(run_id, version, evaluation.accuracy, decision.promote, str(export_path),
+                     decision, result.wall_time_s, result.epochs_run, len(splits.x_train))
 
 
 def _commit(cfg: PipelineConfig, model_uri: str, staging: Path, evaluation: evaluate.Evaluation, splits: data_module.Splits,
-            run_id: str, say: Callable[[str], None]) -> tuple[register.GateOutcome, str, Path]:
+            result: TrainResult, say: Callable[[str], None]) -> tuple[str, Path, GateOutcome]:
+    """Register -> publish -> gate -> finish the run. Each step that changes the store pushes its undo;
+    an error anywhere runs the undos, newest first, and re-raises."""
     name = cfg.registry.model_name
     _step(say, "register")
-    version = register.register(model_uri, name, run_id, tags={"test_accuracy": f"{evaluation.accuracy:.6f}", "config": cfg.name}).version
-    export_path, moved_from = None, False
-    previous: str | None = None
+    version = register.register(model_uri, name, tags={TEST_ACCURACY_TAG: f"{evaluation.accuracy:.6f}", "config": cfg.name},
+                                description=f"{cfg.name}: test accuracy {evaluation.accuracy:.4f} (gate pending)").version
+    with ExitStack() as undo:
+        undo.callback(register.delete_version, name, version)
+        try:
+            _step(say, "publish")
+            mlflow.set_tag(recover.EXPORT_PATH_TAG, str((staging.parent / str(version)).resolve()))
+            export_path = export.publish(staging, version)
+            undo.callback(export.unpublish, export_path)
+
+            _step(say, "gate")
+            outcome = _gate(cfg, version, evaluation, splits, undo)
+
+            _describe_outcome(cfg, version, evaluation, result, outcome)
+            mlflow.end_run("FINISHED")
+        except BaseException as exc:
+            say(f"commit failed ({type(exc).__name__}): rolling back version {version}")
+            raise
+        undo.pop_all()  # committed: nothing to undo
+    return version, export_path, outcome
+
+
+def _gate(cfg: PipelineConfig, version: str, evaluation: evaluate.Evaluation, splits: data_module.Splits,
+          undo: ExitStack) -> GateOutcome:
+    """Decide under the gate lock, against the champion re-scored on this run's test data, and log why."""
+    name = cfg.registry.model_name
+
+    def before_promote(previous: str | None) -> None:
+        mlflow.set_tag(recover.PREVIOUS_CHAMPION_TAG, previous or "none")
+        undo.callback(register.restore_champion, name, previous)
+
+    outcome = gate_and_promote(
+        name, version, evaluation.accuracy, cfg.registry.accuracy_floor,
+        champion_accuracy=lambda champion: evaluate.registered_accuracy(registry_uri(name, champion), splits.x_test, splits.y_test),
+        before_promote=before_promote)
+    decision = outcome.decision
+    mlflow.log_metrics({"gate_candidate_accuracy": evaluation.accuracy,
+                        **({"gate_champion_accuracy": decision.champion_accuracy} if decision.champion_accuracy is not None else {})})
+    mlflow.set_tags({"gate_decision": "promoted" if decision.promote else "not promoted", "gate_reason": decision.reason,
+                     "registered_version": version, "gate_champion_version": outcome.previous_champion or "none"})
+    return outcome
+
+
+def _describe_outcome(cfg: PipelineConfig, version: str, evaluation: evaluate.Evaluation, result: TrainResult,
+                      outcome: GateOutcome) -> None:
+    """The run's description (its note in the MLflow UI) and the registered version's: what came of it and why."""
+    decision, name = outcome.decision, cfg.registry.model_name
+    verdict = f"promoted to `{CHAMPION}`" if decision.promote else f"not promoted (`{CHAMPION}` stays on version {outcome.previous_champion})"
+    mlflow.set_tag("mlflow.note.content", "\n".join([
+        f"**{cfg.name}**: test accuracy **{evaluation.accuracy:.4f}** (loss {evaluation.loss:.4f}) after "
+        f"{result.epochs_run} epochs, {duration(result.wall_time_s)} of training on {result.replicas} replica(s).",
+        "",
+        f"Registered as **{name} version {version}**; gate: **{verdict}**: {decision.reason}.",
+    ]))
+    run_id = mlflow.active_run().info.run_id
+    register.describe_version(name, version, f"Config {cfg.name}, run {run_id}: test accuracy {evaluation.accuracy:.4f}; "
+                                             f"gate: {verdict}: {decision.reason}.")
+
+
+def _describe_failure(step: str, exc: BaseException) -> None:
+    what = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
+    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
     try:
-        _step(say, "publish")
-        mlflow.set_tag(recover.EXPORT_PATH_TAG, str((staging.parent / str(version)).resolve()))
-        export_path = export.publish(staging, version)
-
-        _step(say, "gate")
-
-        def remember(champion: str | None) -> None:
-            nonlocal moved_from, previous
-            mlflow.set_tag(recover.PREVIOUS_CHAMPION_TAG, champion or "none")
-            moved_from, previous = True, champion
-
-        outcome = register.gate_and_promote(
-            name, version, evaluation.accuracy, cfg.registry.accuracy_floor,
-            champion_accuracy=lambda v: register.saved_model_accuracy(f"models:/{name}/{v}", splits.x_test, splits.y_test),
-            before_promote=remember)
-        mlflow.log_metrics({"gate_candidate_accuracy": evaluation.accuracy,
-                            **({"gate_champion_accuracy": outcome.decision.champion_accuracy}
-                               if outcome.decision.champion_accuracy is not None else {})})
-        mlflow.set_tags({"gate_decision": "promoted" if outcome.decision.promote else "not promoted",
-                         "gate_reason": outcome.decision.reason, "registered_version": version,
-                         "gate_champion_version": outcome.previous_champion or "none"})
-        mlflow.end_run("FINISHED")
-    except BaseException as exc:
-        say(f"commit failed ({type(exc).__name__}): rolling back version {version}")
-        if moved_from:
-            register.restore_champion(name, previous)
-        register.delete_version(name, version)
-        if export_path is not None:
-            export.unpublish(export_path)
-        raise
-    return outcome, version, export_path
+        mlflow.set_tag("mlflow.note.content", f"**{what} at step {step}** ({type(exc).__name__}): {reason}. Nothing was registered.")
+    except Exception:  # the store itself may be what failed; the run is still marked FAILED
+        pass
 
 
 def _log_dataset(data: data_module.MnistData) -> None:
@@ -166,22 +229,3 @@ def _log_dataset(data: data_module.MnistData) -> None:
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(x, targets=y, source=source, name=f"mnist-{context}-{data.digest}")
         mlflow.log_input(dataset, context=context)
-
-
-def _log_artifacts(model: keras.Model, history: dict, evaluation: evaluate.Evaluation, x_test: np.ndarray) -> None:
-    with tempfile.TemporaryDirectory(prefix="mnist-artifacts-") as tmp:
-        out = Path(tmp)
-        plots = [
-            *evaluate.plot_curves(history, out),
-            evaluate.plot_confusion_matrix(evaluation, out),
-            evaluate.plot_misclassified(x_test, evaluation, out),
-            evaluate.plot_feature_maps(model, x_test[0], out),
-        ]
-        for path in plots:
-            mlflow.log_artifact(str(path), artifact_path="plots")
-        summary = io.StringIO()
-        with redirect_stdout(summary):
-            model.summary()
-        mlflow.log_text(summary.getvalue(), "model_summary.txt")
-        mlflow.log_text(evaluation.report(), "classification_report.txt")
-

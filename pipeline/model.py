@@ -6,16 +6,26 @@ Input is raw pixels as float ``[N, 28, 28, 1]`` in 0-255; scaling (when configur
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 from keras import layers
 
+from contract import IMAGE_SHAPE, NUM_CLASSES, SIGNATURE
 from pipeline.config import ModelConfig, TrainingConfig
 
-NUM_CLASSES = 10
+
+def model_input(pixels: Any) -> Any:
+    """The signature's uint8 ``[N, 28, 28]`` pixels as the model's float32 ``[N, 28, 28, 1]``, still 0-255.
+
+    The one conversion between the two: training, evaluation, the export's graph and its check all
+    call this (NumPy arrays in, or tensors inside a ``tf.function``).
+    """
+    return keras.ops.expand_dims(keras.ops.cast(pixels, "float32"), -1)
 
 
 def build_model(cfg: ModelConfig) -> keras.Model:
-    inputs = keras.Input(shape=(28, 28, 1), name="pixels")
+    inputs = keras.Input(shape=(*IMAGE_SHAPE, 1), name=SIGNATURE.input)
     x = inputs
     if cfg.augmentation is not None:
         aug = cfg.augmentation
@@ -49,7 +59,7 @@ def build_model(cfg: ModelConfig) -> keras.Model:
         x = layers.Activation("relu", name=f"dense{k}_relu")(x)
         if cfg.dense_dropout:
             x = layers.Dropout(cfg.dense_dropout, name=f"dense{k}_dropout")(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name=SIGNATURE.probabilities)(x)
     return keras.Model(inputs, outputs, name="mnist_cnn")
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline import export, register, tracking
+from contract import CHAMPION, servable_dir
+from mlflow import MlflowClient
+from pipeline import export, gate, register, tracking
 
 PREVIOUS_CHAMPION_TAG = "gate_previous_champion"
 EXPORT_PATH_TAG = "export_path"
@@ -33,8 +34,8 @@ def recover(name: str, experiment: str, export_base: Path, stale_after_s: float 
             say: Callable[[str], None] = print) -> list[str]:
     client = MlflowClient()
     fixes = [*_fail_dead_runs(client, experiment, stale_after_s), *_delete_unfinished_versions(client, name),
-             *_remove_dead_staging(Path(export_base) / export.SERVABLE_NAME, stale_after_s)]
-    holder = register.break_stale_lock(name)
+             *_remove_dead_staging(servable_dir(export_base), stale_after_s)]
+    holder = gate.break_stale_lock(name)
     if holder:
         fixes.append(f"broke the gate lock of {name} left by {holder}")
     for line in fixes:
@@ -79,7 +80,7 @@ def _delete_unfinished_versions(client: MlflowClient, name: str) -> list[str]:
         if status in ("FINISHED", "RUNNING"):  # complete, or a live training still committing
             continue
         tags = run.data.tags if run else {}
-        was_champion = register.CHAMPION in (version.aliases or [])
+        was_champion = CHAMPION in (version.aliases or [])
         client.delete_model_version(name, version.version)
         fixes.append(f"deleted {name} version {version.version}: its run {version.run_id} is {status}")
         exported = tags.get(EXPORT_PATH_TAG)
@@ -93,8 +94,8 @@ def _delete_unfinished_versions(client: MlflowClient, name: str) -> list[str]:
             if previous is not None and not _finished_version(client, name, previous):
                 previous = None
             register.restore_champion(name, previous)
-            fixes.append(f"{register.CHAMPION} back to version {previous}" if previous
-                         else f"{name} has no {register.CHAMPION} now (there was none before version {version.version})")
+            fixes.append(f"{CHAMPION} back to version {previous}" if previous
+                         else f"{name} has no {CHAMPION} now (there was none before version {version.version})")
     return fixes
 
 

@@ -12,8 +12,8 @@ CronJob deadlines send): both the same way, and never in the middle of the commi
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -23,7 +23,7 @@ class StopSignals:
         self.received: str | None = None  # the name of a signal recorded while deferred
         self._deferring = False
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
         return self

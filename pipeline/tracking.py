@@ -1,7 +1,8 @@
-"""Where runs go: ``$MLFLOW_TRACKING_URI``, or an embedded SQLite store inside the project.
+"""Where runs go (``contract.tracking_uri``: ``$MLFLOW_TRACKING_URI``, else an embedded SQLite store),
+and which runs are still alive.
 
 The embedded default (``sqlite:///mlflow.db`` with artifacts in ``mlartifacts/``, both git-ignored,
-beside the database) is what ``mlflow ui --backend-store-uri sqlite:///mlflow.db``
+beside the database) is what ``make ui`` (``mlflow ui --backend-store-uri sqlite:///mlflow.db``)
 shows, with no server to start.
 """
 
@@ -10,37 +11,24 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
-import mlflow
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-EMBEDDED_DB = "mlflow.db"
-EMBEDDED_ARTIFACTS = "mlartifacts"
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / EMBEDDED_DB}"
+import mlflow
+from contract import EMBEDDED_ARTIFACTS, sqlite_path, tracking_uri
+from mlflow import MlflowClient
+from pipeline.errors import StoreMissing
 
 
 def setup_uri() -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     return uri
-
-
-class StoreMissing(RuntimeError):
-    """A SQLite tracking store that does not exist, where only an existing one makes sense."""
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def require_existing_store() -> str:
@@ -142,7 +130,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="mlflow-heartbeat", daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -157,13 +145,3 @@ class Heartbeat:
             except (MlflowException, OSError):
                 pass  # a missed beat only makes the run look older; the next one catches up
 
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"

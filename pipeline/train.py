@@ -5,16 +5,19 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
-import mlflow
+import mlflow.keras
 import numpy as np
 import tensorflow as tf
 
+import mlflow
+from contract import NUM_CLASSES
 from pipeline.config import PipelineConfig, TrainingConfig
 from pipeline.data import Splits
-from pipeline.model import build_model, compile_model
+from pipeline.model import build_model, compile_model, model_input
 
 
 @dataclass
@@ -26,14 +29,9 @@ class TrainResult:
     replicas: int
 
 
-def as_model_input(images: np.ndarray) -> np.ndarray:
-    """uint8 ``[N, 28, 28]`` -> float32 ``[N, 28, 28, 1]`` raw 0-255 values (the model scales, if at all)."""
-    return images.astype(np.float32)[..., None]
-
-
 def _dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """Batches of (raw-pixel float images, one-hot labels), reshuffled every epoch when seeded."""
-    dataset = tf.data.Dataset.from_tensor_slices((as_model_input(images), keras.utils.to_categorical(labels, 10)))
+    dataset = tf.data.Dataset.from_tensor_slices((model_input(images), keras.utils.to_categorical(labels, NUM_CLASSES)))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -59,13 +57,83 @@ def make_strategy(cfg: TrainingConfig) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs loss, accuracy, val_loss, val_accuracy and the learning rate with step = epoch."""
+class MlflowMetrics(mlflow.keras.MlflowCallback):
+    """MLflow's Keras callback (optimizer params, model summary, per-epoch metrics), plus what it lacks.
+
+    MLflow's logs either every epoch or every n steps; this logs both: the epoch metrics with the
+    learning rate (step = epoch), and the training loss and accuracy every ``log_every_n_steps`` batches
+    as ``batch_loss``/``batch_accuracy`` (step = batch number), so a long epoch shows progress in the UI.
+    Validation metrics are the epoch's ``val_*``; MLflow's extra ``validation_*`` copies (logged without
+    a step) are left out.
+    """
+
+    def __init__(self, log_every_n_steps: int = 50) -> None:
+        super().__init__(log_every_epoch=True)
+        self.every = log_every_n_steps
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        metrics = {key: float(value) for key, value in (logs or {}).items()}
-        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        mlflow.log_metrics(metrics, step=epoch)
+        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        super().on_epoch_end(epoch, {**(logs or {}), "learning_rate": learning_rate})
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        step = int(self.model.optimizer.iterations.numpy())
+        if logs and step % self.every == 0:
+            mlflow.log_metrics({f"batch_{key}": float(value) for key, value in logs.items()}, step=step, synchronous=False)
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        pass
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        mlflow.flush_async_logging()
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """One line per epoch: its metrics, how long it took and the ETA of the whole run. On a terminal,
+    a counter of the batches also ticks within the epoch (Keras's own progress bar is off: it printed its
+    epoch line apart from this one, and none that a log file could use)."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, say: Callable[[str], None] = print,
+                 live: bool | None = None) -> None:
+        super().__init__()
+        self.epochs, self.steps, self.say = epochs, steps_per_epoch, say
+        self.live = sys.stdout.isatty() if live is None else live
+        self.started = self._last_tick = time.perf_counter()
+        self._epoch = 0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        now = time.perf_counter()
+        if self.live and now - self._last_tick > 0.5:
+            self._last_tick = now
+            loss = (logs or {}).get("loss")
+            sys.stdout.write(f"\repoch {self._epoch + 1}/{self.epochs}: batch {batch + 1}/{self.steps}"
+                             + (f", loss {loss:.4f}" if loss is not None else "") + "\x1b[K")
+            sys.stdout.flush()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.live:
+            sys.stdout.write("\r\x1b[K")
+        done = epoch + 1
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / done * (self.epochs - done)
+        metrics = " ".join(f"{key} {float(value):.4f}" for key, value in (logs or {}).items() if key != "learning_rate")
+        self.say(f"epoch {done}/{self.epochs}: {metrics} | {elapsed / done:.1f}s per epoch, "
+                 f"{duration(elapsed)} elapsed, ETA {duration(left)}")
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s`` or ``1h02m``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class StopOnSignal(keras.callbacks.Callback):
@@ -103,7 +171,7 @@ class StopOnSignal(keras.callbacks.Callback):
             raise KeyboardInterrupt(f"training stopped by {signal.Signals(self.received).name}")
 
 
-def train(cfg: PipelineConfig, splits: Splits) -> TrainResult:
+def train(cfg: PipelineConfig, splits: Splits, say: Callable[[str], None] = print) -> TrainResult:
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -114,7 +182,8 @@ def train(cfg: PipelineConfig, splits: Splits) -> TrainResult:
         model = build_model(cfg.model)
         compile_model(model, tcfg, steps_per_epoch)
 
-    callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger(), StopOnSignal()]
+    callbacks: list[keras.callbacks.Callback] = [
+        MlflowMetrics(tcfg.log_every_n_steps), EpochProgress(tcfg.epochs, steps_per_epoch, say), StopOnSignal()]
     if tcfg.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=tcfg.early_stopping_patience, restore_best_weights=True, verbose=1,
@@ -127,8 +196,9 @@ def train(cfg: PipelineConfig, splits: Splits) -> TrainResult:
         _dataset(splits.x_train, splits.y_train, tcfg.batch_size, shuffle_seed=cfg.seed),
         validation_data=_dataset(splits.x_val, splits.y_val, tcfg.batch_size),
         epochs=tcfg.epochs,
+        shuffle=False,  # the dataset reshuffles itself every epoch; Keras cannot shuffle a tf.data.Dataset
         callbacks=callbacks,
-        verbose=1 if sys.stdout.isatty() else 2,
+        verbose=0,  # EpochProgress reports
     )
     wall_time = time.perf_counter() - started
     return TrainResult(model, history.history, wall_time, len(history.epoch), strategy.num_replicas_in_sync)

@@ -1,4 +1,4 @@
-from pipeline.register import decide
+from pipeline.gate import decide
 
 
 def test_first_model_above_floor_is_promoted():

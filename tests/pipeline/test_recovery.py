@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
-from mlflow import MlflowClient
 
+import mlflow
+from mlflow import MlflowClient
 from service.launcher import child_env
-from tests.conftest import SAMPLE_NPZ, last_json_line, run_pipeline
+from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline
 
 pytestmark = pytest.mark.slow
 NAME = "mnist-cnn"
@@ -114,7 +114,7 @@ def test_a_stop_before_the_commit_fails_the_run_and_registers_nothing(store, sig
 
 def test_sigterm_during_fit_stops_after_the_batch_and_fails_the_run(store):
     process = _start(store, None, "epochs=200")
-    _wait_for(process, "Epoch 2/")
+    _wait_for(process, "epoch 1/")  # the end of epoch 1: training is under way
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr[-2000:]

@@ -1,0 +1,61 @@
+"""Helpers shared by the tests: the committed MNIST sample, running the pipeline as a user would, and
+copies of a trained store for tests that change it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from contract import EMBEDDED_DB
+from service.launcher import child_env
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+SAMPLE_NPZ = FIXTURES / "mnist-sample.npz"
+
+
+def run_pipeline(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m pipeline ...`` as a user would, in its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd, env=child_env(env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def last_json_line(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def store_env(workdir: Path) -> dict[str, str]:
+    """The environment pointing the pipeline and the service at ``<workdir>/mlflow.db``."""
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / EMBEDDED_DB}"}
+
+
+@dataclass
+class TrainedRegistry:
+    """A tracking store holding one trained, registered and promoted seed model (version 1)."""
+
+    workdir: Path
+    tracking_uri: str
+    env: dict[str, str]
+    result: dict
+    stdout: str
+
+    @property
+    def export_path(self) -> Path:
+        return Path(self.result["export_path"])
+
+    def copy(self, destination: Path) -> TrainedRegistry:
+        """A private copy (store and exports) for a test that moves aliases or adds versions: the
+        session's registry stays as every other test expects it. Artifacts are shared, read-only."""
+        destination.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.workdir / EMBEDDED_DB, destination / EMBEDDED_DB)
+        shutil.copytree(self.workdir / "exports", destination / "exports")
+        env = store_env(destination)
+        result = {**self.result, "export_path": str(destination / "exports" / self.export_path.relative_to(self.workdir / "exports"))}
+        return TrainedRegistry(destination, env["MLFLOW_TRACKING_URI"], env, result, self.stdout)
