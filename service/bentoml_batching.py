@@ -12,7 +12,8 @@ Everything here works around BentoML 1.4 for that one route, and is only loaded 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 import bentoml
 import orjson
@@ -51,7 +52,7 @@ def predict_api(max_images: int, max_batch_size: int, max_latency_ms: int) -> An
         media_type = "application/json"
 
         @classmethod
-        def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> "PredictInput":
+        def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> PredictInput:
             return cls.model_validate(orjson.loads(json_data), **kwargs)
 
     class PredictOutput(bentoml.IODescriptor.from_output(signature)):  # type: ignore[misc]

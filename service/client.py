@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
-MODEL_NAME = "mnist"
-INPUT_NAME = "pixels"
+from contract import SERVABLE_NAME as MODEL_NAME
+from contract import SIGNATURE
+
+INPUT_NAME = SIGNATURE.input
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class GrpcClient:
         pixels = np.ascontiguousarray(_as_batch(pixels), dtype=np.uint8)
         request = predict_pb2.PredictRequest()
         request.model_spec.name = MODEL_NAME
-        request.model_spec.signature_name = "serving_default"
+        request.model_spec.signature_name = SIGNATURE.name
         if version is not None:
             request.model_spec.version.value = version
         tensor = request.inputs[INPUT_NAME]
@@ -68,10 +70,10 @@ class GrpcClient:
             tensor.tensor_shape.dim.add().size = size
         tensor.tensor_content = pixels.tobytes()
         response = self._call(self.predictions.Predict, request)
-        probabilities = _array(response.outputs["probabilities"], np.float32)
-        digits = _array(response.outputs["digit"], np.int64)
+        probabilities = _array(response.outputs[SIGNATURE.probabilities], np.float32)
+        digits = _array(response.outputs[SIGNATURE.digit], np.int64)
         version_served = str(response.model_spec.version.value)
-        return [Answer(int(d), p.tolist(), version_served) for d, p in zip(digits, probabilities)]
+        return [Answer(int(d), p.tolist(), version_served) for d, p in zip(digits, probabilities, strict=True)]
 
     def metadata(self) -> dict[str, Any]:
         from google.protobuf.json_format import MessageToDict
@@ -102,7 +104,7 @@ class GrpcClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "GrpcClient":
+    def __enter__(self) -> GrpcClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -136,7 +138,7 @@ class HttpClient:
     def close(self) -> None:
         self.session.close()
 
-    def __enter__(self) -> "HttpClient":
+    def __enter__(self) -> HttpClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

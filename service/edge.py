@@ -16,9 +16,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import bentoml
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol

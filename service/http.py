@@ -11,8 +11,9 @@ import hmac
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -23,8 +24,16 @@ from starlette.responses import HTMLResponse, Response
 
 from service import tfserving
 from service.core import ServingCore
-from service.errors import (InputError, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType, error_body,
-                            error_response, response_for)
+from service.errors import (
+    InputError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+    error_body,
+    error_response,
+    response_for,
+)
 from service.inputs import pixels_from_image_bytes, pixels_from_json
 from service.runtime import ModelLoadError, Prediction, RegistryUnavailable
 
@@ -104,7 +113,7 @@ def _json(content: Any, prediction: Prediction | None = None) -> Response:
 def answers(prediction: Prediction) -> list[dict[str, Any]]:
     version = prediction.model.version
     return [{"digit": digit, "probabilities": probabilities, "model_version": version}
-            for digit, probabilities in zip(prediction.digits.tolist(), prediction.probabilities.tolist())]
+            for digit, probabilities in zip(prediction.digits.tolist(), prediction.probabilities.tolist(), strict=True)]
 
 
 async def predict_json(body: bytes, core: ServingCore, max_images: int) -> tuple[Any, Prediction]:

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from contract import IMAGE_SHAPE
 from service.errors import InputError, PayloadTooLarge
 
-IMAGE_SHAPE = (28, 28)
 DEFAULT_MAX_IMAGE_PIXELS = 16 * 1024 * 1024  # 4096x4096; a 12 MP phone photo fits
 WORK_SIDE = 512  # pictures are shrunk to this before preprocessing: the digit ends up 20 px tall anyway
 

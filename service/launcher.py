@@ -1,6 +1,7 @@
-"""Start ``bentoml serve service:Digits`` as a child process on a free loopback port, and stop it.
+"""Start servers as child processes on free loopback ports, wait until they are healthy, stop them:
+this service (``bentoml serve service:Digits``), MLflow's scoring server and MLflow's tracking server.
 
-Used by the tests, the load-test runner and the benchmark scripts, so all of them run the real server
+Used by the tests, the load-test runner and the benchmark scripts, so all of them run the real servers
 the same way an operator does.
 """
 
@@ -21,14 +22,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class RunningService:
+class RunningProcess:
+    """A server started by :func:`start_process`: its base URL, process and log."""
+
     url: str
     process: subprocess.Popen
     log_path: Path
-    grpc_target: str | None = None  # host:port of its gRPC API, None when GRPC_PORT=0
+    grpc_target: str | None = None  # host:port of the service's gRPC API, None when GRPC_PORT=0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+RunningService = RunningProcess
 
 
 def free_port() -> int:
@@ -43,45 +49,73 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PATH": path, **(extra or {})}
 
 
-def start_service(env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, timeout: float = 180) -> RunningService:
-    """Start the service and return once ``/readyz`` answers 200, or once the process has exited
-    (the caller looks at ``process.returncode`` and the log). gRPC gets a free loopback port unless
-    ``env`` sets ``GRPC_PORT``. Each service gets its own ``BENTOML_HOME``: BentoML keeps its Prometheus
-    files there and wipes them when a server starts, so two servers sharing one would lose each other's
-    metrics."""
-    port = free_port()
-    env = {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(free_port()),
-           "BENTOML_HOME": str(log_path.parent / f"bentoml-home-{port}"), **env}
+def start_process(command: list[str], url: str, ready_path: str, log_path: Path, env: dict[str, str] | None = None,
+                  cwd: Path = REPO_ROOT, timeout: float = 180, grpc_target: str | None = None) -> RunningProcess:
+    """Start a server in its own session and return once ``url + ready_path`` answers 200, or once the
+    process has exited (the caller looks at ``process.returncode`` and the log); stop it after ``timeout``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:Digits", "--host", "127.0.0.1", "--port", str(port),
-             "--working-dir", str(REPO_ROOT)],
-            cwd=cwd, env=child_env(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    grpc_port = int(env["GRPC_PORT"])
-    service = RunningService(f"http://127.0.0.1:{port}", process, log_path,
-                             f"127.0.0.1:{grpc_port}" if grpc_port else None)
+        process = subprocess.Popen(command, cwd=cwd, env=child_env(env), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    running = RunningProcess(url, process, log_path, grpc_target)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            return service
+            return running
         try:
-            with urllib.request.urlopen(f"{service.url}/readyz", timeout=2) as answer:
+            with urllib.request.urlopen(f"{url}{ready_path}", timeout=2) as answer:
                 if answer.status == 200:
-                    return service
+                    return running
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    stop_service(service)
-    raise TimeoutError(f"service did not become ready in {timeout}s:\n{service.log()[-3000:]}")
+    stop_process(running)
+    raise TimeoutError(f"{' '.join(command[:5])} did not become ready in {timeout}s:\n{running.log()[-3000:]}")
 
 
-def stop_service(service: RunningService) -> None:
-    if service.process.poll() is None:
-        os.killpg(service.process.pid, signal.SIGTERM)
+def stop_process(running: RunningProcess, timeout: float = 30) -> None:
+    """SIGTERM to the process group, SIGKILL after ``timeout`` seconds."""
+    if running.process.poll() is None:
+        os.killpg(running.process.pid, signal.SIGTERM)
         try:
-            service.process.wait(timeout=30)
+            running.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(service.process.pid, signal.SIGKILL)
-            service.process.wait(timeout=10)
+            os.killpg(running.process.pid, signal.SIGKILL)
+            running.process.wait(timeout=10)
+
+
+stop_service = stop_process
+
+
+def start_service(env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, timeout: float = 180) -> RunningProcess:
+    """``bentoml serve service:Digits`` on a free loopback port, ready when ``/readyz`` answers.
+
+    gRPC gets a free loopback port unless ``env`` sets ``GRPC_PORT``. Each service gets its own
+    ``BENTOML_HOME``: BentoML keeps its Prometheus files there and wipes them when a server starts, so
+    two servers sharing one would lose each other's metrics."""
+    port = free_port()
+    env = {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(free_port()),
+           "BENTOML_HOME": str(log_path.parent / f"bentoml-home-{port}"), **env}
+    grpc_port = int(env["GRPC_PORT"])
+    return start_process(
+        [sys.executable, "-m", "bentoml", "serve", "service:Digits", "--host", "127.0.0.1", "--port", str(port),
+         "--working-dir", str(REPO_ROOT)],
+        f"http://127.0.0.1:{port}", "/readyz", log_path, env, cwd, timeout, f"127.0.0.1:{grpc_port}" if grpc_port else None)
+
+
+def start_mlflow_models_serve(model_uri: str, log_path: Path, env: dict[str, str] | None = None,
+                              cwd: Path = REPO_ROOT, timeout: float = 180) -> RunningProcess:
+    """MLflow's own scoring server (``mlflow models serve``) for ``model_uri``, ready when ``/ping`` answers."""
+    port = free_port()
+    return start_process([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                          "--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}", "/ping", log_path,
+                         env, cwd, timeout)
+
+
+def start_mlflow_server(backend_store_uri: str, log_path: Path, env: dict[str, str] | None = None,
+                        timeout: float = 120) -> RunningProcess:
+    """An MLflow tracking server on a free loopback port, ready when ``/health`` answers."""
+    port = free_port()
+    return start_process([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+                          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                         f"http://127.0.0.1:{port}", "/health", log_path, env, timeout=timeout)

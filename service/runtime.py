@@ -14,16 +14,15 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger("digits.runtime")
+from contract import IMAGE_SHAPE, REGISTERED_MODEL, SAVED_MODEL_ARTIFACT, SIGNATURE, TEST_ACCURACY_TAG, sqlite_path
 
-SIGNATURE = "serving_default"
-SAVED_MODEL_DIR = "saved_model"
+logger = logging.getLogger("digits.runtime")
 
 
 class ModelLoadError(RuntimeError):
@@ -56,7 +55,7 @@ class ModelInfo:
 @dataclass(frozen=True)
 class LoadedModel:
     info: ModelInfo
-    serve: Any  # the SavedModel's serving_default concrete function
+    serve: Any  # the SavedModel's signature function (contract.SIGNATURE)
     signature_def: Any  # tensorflow.core.protobuf.meta_graph_pb2.SignatureDef
     key: str  # what was resolved: name/version, or a local path
     _keepalive: Any = field(repr=False, default=None)  # the loaded SavedModel object owning the variables
@@ -65,8 +64,8 @@ class LoadedModel:
         """uint8 ``[N, 28, 28]`` -> (float32 probabilities ``[N, 10]``, int64 digits ``[N]``)."""
         import tensorflow as tf
 
-        out = self.serve(pixels=tf.constant(pixels, dtype=tf.uint8))
-        return out["probabilities"].numpy(), out["digit"].numpy()
+        out = self.serve(**{SIGNATURE.input: tf.constant(pixels, dtype=tf.uint8)})
+        return out[SIGNATURE.probabilities].numpy(), out[SIGNATURE.digit].numpy()
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class Prediction:
     digits: np.ndarray
     model: ModelInfo
 
-    def rows(self, start: int, stop: int) -> "Prediction":
+    def rows(self, start: int, stop: int) -> Prediction:
         """The answers for images ``start:stop`` of the batch this prediction was made for."""
         return Prediction(self.probabilities[start:stop], self.digits[start:stop], self.model)
 
@@ -106,8 +105,8 @@ class ModelRuntime:
 
     def check(self) -> str:
         """Resolve ``MODEL_URI`` without loading it (raises :class:`ModelLoadError`); returns what it names."""
-        target = self._resolve()
-        return f"{target['name']} version {target['version']}"
+        source = self._resolve()
+        return f"{source.name} version {source.version}"
 
     def stop(self) -> None:
         self._stop.set()
@@ -134,10 +133,10 @@ class ModelRuntime:
         """Load the version ``MODEL_URI`` points at now, if it differs from the loaded one."""
         with self._reload_lock:
             old = self._current
-            target = self._resolve()
-            if old is not None and old.key == target["key"]:
+            source = self._resolve()
+            if old is not None and old.key == source.key:
                 return old.info, old.info
-            new = self._load(target)
+            new = self._load(source)
             self._current = new
             if old is not None:
                 logger.info("switched model %s version %s -> %s", new.info.name, old.info.version, new.info.version)
@@ -155,28 +154,25 @@ class ModelRuntime:
 
     # -- resolving and loading -------------------------------------------------------------------
 
-    def _resolve(self) -> dict[str, Any]:
+    def _resolve(self) -> ModelSource:
         uri = self.model_uri
         if not uri.startswith("models:/"):
             if "://" not in uri or uri.startswith("file://"):
-                return self._resolve_local(Path(uri.removeprefix("file://")))
+                return resolve_local(Path(uri.removeprefix("file://")))
             raise ModelLoadError(f"MODEL_URI {uri!r}: use models:/<name>@<alias>, models:/<name>/<version> or a local directory")
         _bound_registry_calls(self.registry_timeout_s)
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        if self.tracking_uri.startswith("sqlite:///") and not Path(self.tracking_uri.removeprefix("sqlite:///")).is_file():
+        from mlflow import MlflowClient
+
+        store = sqlite_path(self.tracking_uri)
+        if store is not None and not store.is_file():
             raise ModelLoadError(f"the tracking store {self.tracking_uri} does not exist (MLFLOW_TRACKING_URI); "
                                  "train a model first (make train) or fix the path")
-        reference = uri.removeprefix("models:/").strip("/")
+        name, alias, number = parse_registry_uri(uri)
         client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         try:
-            if "@" in reference:
-                name, alias = reference.split("@", 1)
-                version = client.get_model_version_by_alias(name, alias)
-            else:
-                name, _, number = reference.partition("/")
-                alias, version = None, client.get_model_version(name, number)
+            version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
         except MlflowException as exc:
             if "failed with exception" in exc.message or exc.get_http_status_code() >= 500:  # no answer, or a broken server
                 raise RegistryUnavailable(f"cannot reach the MLflow tracking store {self.tracking_uri}: "
@@ -184,66 +180,98 @@ class ModelRuntime:
             raise ModelLoadError(f"cannot resolve {uri} on {self.tracking_uri}: {exc.message}") from None
         except Exception as exc:
             raise RegistryUnavailable(f"cannot reach the MLflow tracking store {self.tracking_uri}: {_first_line(exc)}") from None
-        run_id = version.run_id
-        accuracy = None
-        if version.tags.get("test_accuracy"):
-            accuracy = float(version.tags["test_accuracy"])
-        return {"local": False, "key": f"{name}/{version.version}", "name": name, "alias": alias, "version": str(version.version),
-                "run_id": run_id, "test_accuracy": accuracy,
-                "artifact_uri": f"models:/{name}/{version.version}/{SAVED_MODEL_DIR}"}
+        accuracy = version.tags.get(TEST_ACCURACY_TAG)
+        return ModelSource(name=name, version=str(version.version), alias=alias, run_id=version.run_id,
+                           test_accuracy=float(accuracy) if accuracy else None,
+                           location=f"models:/{name}/{version.version}/{SAVED_MODEL_ARTIFACT}")
 
-    def _resolve_local(self, path: Path) -> dict[str, Any]:
-        if not path.is_dir():
-            raise ModelLoadError(f"MODEL_URI {path}: no such directory")
-        if (path / SAVED_MODEL_DIR / "saved_model.pb").is_file():  # a downloaded MLflow model
-            path = path / SAVED_MODEL_DIR
-        if not (path / "saved_model.pb").is_file():  # a TF Serving base dir: take the highest version
-            versions = sorted((int(p.name), p) for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file())
-            if not versions:
-                raise ModelLoadError(f"MODEL_URI {path}: no saved_model.pb here nor in numbered version directories")
-            path = versions[-1][1]
-        version = path.name if path.name.isdigit() else "1"
-        return {"local": True, "key": str(path.resolve()), "name": "mnist-cnn", "alias": None, "version": version, "run_id": None,
-                "test_accuracy": None, "path": str(path)}
-
-    def _load(self, target: dict[str, Any]) -> LoadedModel:
+    def _load(self, source: ModelSource) -> LoadedModel:
         import tensorflow as tf
 
-        if target["local"]:
-            path = target["path"]
+        if source.is_local:
+            path = source.location
         else:
             import mlflow
 
             if self._workdir is None:
                 self._workdir = Path(tempfile.mkdtemp(prefix="digits-models-"))
-            dst = self._workdir / f"v{target['version']}-{time.monotonic_ns()}"
+            dst = self._workdir / f"v{source.version}-{time.monotonic_ns()}"
             try:
-                mlflow.set_tracking_uri(self.tracking_uri)
-                path = mlflow.artifacts.download_artifacts(target["artifact_uri"], dst_path=str(dst))
+                path = mlflow.artifacts.download_artifacts(source.location, dst_path=str(dst),
+                                                           tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
             except Exception as exc:
                 shutil.rmtree(dst, ignore_errors=True)
-                raise RegistryUnavailable(f"cannot download {target['artifact_uri']}: {_first_line(exc)}") from None
+                raise RegistryUnavailable(f"cannot download {source.location}: {_first_line(exc)}") from None
         try:
             saved = tf.saved_model.load(path)
-            serve = saved.signatures[SIGNATURE]
+            serve = saved.signatures[SIGNATURE.name]
             signature_def = _signature_def(path)
         except Exception as exc:
-            raise ModelLoadError(f"{target['key']} is not a SavedModel with a {SIGNATURE} signature: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{source.key} is not a SavedModel with a {SIGNATURE.name} signature: {_first_line(exc)}") from None
         finally:
-            if not target["local"]:
+            if not source.is_local:
                 # TensorFlow has read the variables into memory: the downloaded copy is not needed
                 # again, and keeping one per reload would fill the temp dir until shutdown.
                 shutil.rmtree(dst, ignore_errors=True)
         loaded = LoadedModel(
-            ModelInfo(
-                name=target["name"], version=target["version"], alias=target["alias"], run_id=target["run_id"],
-                test_accuracy=target["test_accuracy"], source=target.get("artifact_uri", path), path=str(path),
-                loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            ),
-            serve, signature_def, target["key"], saved,
+            ModelInfo(name=source.name, version=source.version, alias=source.alias, run_id=source.run_id,
+                      test_accuracy=source.test_accuracy, source=source.location, path=str(path),
+                      loaded_at=datetime.now(UTC).isoformat(timespec="seconds")),
+            serve, signature_def, source.key, saved,
         )
-        loaded.predict(np.zeros((1, 28, 28), np.uint8))  # warm up before taking traffic
+        loaded.predict(np.zeros((1, *IMAGE_SHAPE), np.uint8))  # warm up before taking traffic
         return loaded
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What ``MODEL_URI`` names right now: a registry version (``location`` is its SavedModel's
+    ``models:/`` URI) or a SavedModel directory on disk (``location`` is its path)."""
+
+    name: str
+    version: str
+    location: str
+    alias: str | None = None
+    run_id: str | None = None
+    test_accuracy: float | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return not self.location.startswith("models:/")
+
+    @property
+    def key(self) -> str:
+        """Equal keys, same model: a reload that finds the same key keeps the loaded one."""
+        return str(Path(self.location).resolve()) if self.is_local else f"{self.name}/{self.version}"
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
+    reference = uri.removeprefix("models:/").strip("/")
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        if name and alias:
+            return name, alias, None
+    else:
+        name, _, number = reference.partition("/")
+        if name and number.isdigit():
+            return name, None, number
+    raise ModelLoadError(f"MODEL_URI {uri!r}: use models:/<name>@<alias> or models:/<name>/<version>")
+
+
+def resolve_local(path: Path) -> ModelSource:
+    """A SavedModel directory, a downloaded MLflow model holding one under ``saved_model/``, or a TF
+    Serving base directory (``exports/mnist``: the highest numbered version is taken)."""
+    if not path.is_dir():
+        raise ModelLoadError(f"MODEL_URI {path}: no such directory")
+    if (path / SAVED_MODEL_ARTIFACT / "saved_model.pb").is_file():  # a downloaded MLflow model
+        path = path / SAVED_MODEL_ARTIFACT
+    if not (path / "saved_model.pb").is_file():
+        versions = sorted((int(p.name), p) for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file())
+        if not versions:
+            raise ModelLoadError(f"MODEL_URI {path}: no saved_model.pb here nor in numbered version directories")
+        path = versions[-1][1]
+    return ModelSource(name=REGISTERED_MODEL, version=path.name if path.name.isdigit() else "1", location=str(path))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -262,4 +290,4 @@ def _signature_def(path: str) -> Any:
     from tensorflow.python.saved_model import loader_impl
 
     meta_graph = loader_impl.parse_saved_model(path).meta_graphs[0]
-    return meta_graph.signature_def[SIGNATURE]
+    return meta_graph.signature_def[SIGNATURE.name]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+import contract
 
 
 def _number(name: str, default: float, cast: type = int) -> float:
@@ -96,11 +97,11 @@ class Settings:
                 "max_wait_s": self.batch_max_latency_ms / 1000, "max_queue_images": self.batch_max_queue_images}
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         max_images = _int("MAX_IMAGES_PER_REQUEST", 1024)
         return cls(
-            model_uri=os.environ.get("MODEL_URI", "models:/mnist-cnn@champion"),
-            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}",
+            model_uri=os.environ.get("MODEL_URI") or contract.registry_uri(),
+            tracking_uri=contract.tracking_uri(),
             reload_poll_seconds=_float("MODEL_POLL_SECONDS", 30.0),
             admin_token=os.environ.get("ADMIN_TOKEN") or None,
             max_images_per_request=max_images,

@@ -17,14 +17,14 @@ import orjson
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
+from contract import IMAGE_SHAPE, SIGNATURE
+from contract import SERVABLE_NAME as MODEL_NAME
 from service.errors import InputError, NotFound
-from service.inputs import IMAGE_SHAPE, checked_pixels, pixels_from_json
+from service.inputs import checked_pixels, pixels_from_json
 from service.runtime import ModelInfo, Prediction
 
-MODEL_NAME = "mnist"
-INPUT_NAME = "pixels"
-OUTPUT_NAMES = ("probabilities", "digit")
-SIGNATURE = "serving_default"
+INPUT_NAME = SIGNATURE.input
+OUTPUT_NAMES = SIGNATURE.outputs
 _PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?:(?::(?P<verb>predict|classify|regress))|/(?P<meta>metadata))?$")
 
 
@@ -52,8 +52,8 @@ def parse_rest_predict(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
         raise InputError(f"malformed JSON: {exc}") from None
     if not isinstance(request, dict):
         raise InputError('request body must be a JSON object with "instances" or "inputs"')
-    signature = request.get("signature_name", SIGNATURE)
-    if signature != SIGNATURE:
+    signature = request.get("signature_name", SIGNATURE.name)
+    if signature != SIGNATURE.name:
         raise InputError(f"Serving signature name: \"{signature}\" not found in signature def")
     if ("instances" in request) == ("inputs" in request):
         raise InputError('JSON object must have exactly one of "instances" (row format) or "inputs" (columnar format)')
@@ -83,8 +83,8 @@ def parse_rest_predict(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
 def rest_predict_response(prediction: Prediction, columnar: bool) -> dict[str, Any]:
     probabilities, digits = prediction.probabilities.tolist(), prediction.digits.tolist()
     if columnar:
-        return {"outputs": {"probabilities": probabilities, "digit": digits}}
-    return {"predictions": [{"probabilities": p, "digit": d} for p, d in zip(probabilities, digits)]}
+        return {"outputs": {SIGNATURE.probabilities: probabilities, SIGNATURE.digit: digits}}
+    return {"predictions": [{SIGNATURE.probabilities: p, SIGNATURE.digit: d} for p, d in zip(probabilities, digits, strict=True)]}
 
 
 def rest_status_response(version: str) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def requested_version(spec: model_pb2.ModelSpec, serving: ModelInfo) -> str | No
     if spec.name != MODEL_NAME:
         raise NotFound(f"Servable not found for request: Latest({spec.name or '(empty model name)'}); "
                        f"this server serves {MODEL_NAME!r}")
-    if spec.signature_name not in ("", SIGNATURE):
+    if spec.signature_name not in ("", SIGNATURE.name):
         raise NotFound(f"Serving signature name: \"{spec.signature_name}\" not found in signature def")
     if spec.HasField("version"):
         return str(spec.version.value)
@@ -175,10 +175,10 @@ def predict_response(prediction: Prediction, request: predict_pb2.PredictRequest
     response = predict_pb2.PredictResponse()
     _fill_spec(response.model_spec, prediction.model.version)
     wanted = set(request.output_filter) or set(OUTPUT_NAMES)
-    if "probabilities" in wanted:
-        response.outputs["probabilities"].CopyFrom(_tensor(prediction.probabilities.astype(np.float32, copy=False), types_pb2.DT_FLOAT))
-    if "digit" in wanted:
-        response.outputs["digit"].CopyFrom(_tensor(prediction.digits.astype(np.int64, copy=False), types_pb2.DT_INT64))
+    if SIGNATURE.probabilities in wanted:
+        response.outputs[SIGNATURE.probabilities].CopyFrom(_tensor(prediction.probabilities.astype(np.float32, copy=False), types_pb2.DT_FLOAT))
+    if SIGNATURE.digit in wanted:
+        response.outputs[SIGNATURE.digit].CopyFrom(_tensor(prediction.digits.astype(np.int64, copy=False), types_pb2.DT_INT64))
     return response
 
 
@@ -205,10 +205,10 @@ def status_response(version: str) -> get_model_status_pb2.GetModelStatusResponse
 def _fill_spec(spec: model_pb2.ModelSpec, version: str) -> None:
     spec.name = MODEL_NAME
     spec.version.value = int(version)
-    spec.signature_name = SIGNATURE
+    spec.signature_name = SIGNATURE.name
 
 
 def _signature_map(signature_def: Any) -> get_model_metadata_pb2.SignatureDefMap:
     signature_map = get_model_metadata_pb2.SignatureDefMap()
-    signature_map.signature_def[SIGNATURE].CopyFrom(signature_def)
+    signature_map.signature_def[SIGNATURE.name].CopyFrom(signature_def)
     return signature_map

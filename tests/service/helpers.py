@@ -7,7 +7,6 @@ import re
 import numpy as np
 import requests
 import tensorflow as tf
-
 from tensorflow_serving.apis import predict_pb2
 
 from service.launcher import RunningService

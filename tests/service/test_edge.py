@@ -1,9 +1,13 @@
-"""The edge's route table and the admin rate limit, in-process."""
+"""The edge, in-process: its route table, its request limits (body size and time, concurrency), and
+the admin rate limit."""
+
+import asyncio
+import json
 
 import pytest
 
 from service import http
-from service.edge import RouteTable
+from service.edge import Edge, EdgeLimits, RouteTable
 from service.http import FailedAttempts
 
 
@@ -48,3 +52,90 @@ def test_failed_admin_attempts_lock_out_one_address_for_the_window():
     expired = FailedAttempts(limit=1, window_s=0.0)
     expired.failed("10.0.0.3")
     assert expired.retry_after("10.0.0.3") == 0
+
+
+# -- the request limits, in-process: the edge in front of a stand-in app ---------------------------
+
+def run_edge(limits: EdgeLimits, messages: list[dict], path: str = "/predict", method: str = "POST",
+             app_wait: asyncio.Event | None = None, concurrent: int = 1) -> list[dict]:
+    """Send one request (``concurrent`` at once, the others held inside the app) through an Edge; returns
+    the first request's response messages, and whether the app ever saw a body."""
+
+    async def app(scope: dict, receive, send) -> None:
+        body = (await receive())["body"]
+        if app_wait is not None:
+            await app_wait.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"app saw " + body})
+
+    edge = Edge(app, limits, lambda: RouteTable(http.app.routes))
+
+    async def one(feed: list[dict]) -> list[dict]:
+        pending, sent = list(feed), []
+
+        async def receive() -> dict:
+            if pending:
+                item = pending.pop(0)
+                if item.get("delay"):
+                    await asyncio.sleep(item["delay"])
+                return {key: value for key, value in item.items() if key != "delay"}
+            await asyncio.sleep(3600)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await edge(scope={"type": "http", "path": path, "method": method, "headers": []}, receive=receive, send=send)
+        return sent
+
+    async def main() -> list[dict]:
+        held = [asyncio.create_task(one([{"type": "http.request", "body": b"x"}])) for _ in range(concurrent - 1)]
+        await asyncio.sleep(0.05)
+        answer = await one(messages)
+        if app_wait is not None:
+            app_wait.set()
+        await asyncio.gather(*held)
+        return answer
+
+    return asyncio.run(main())
+
+
+def status_and_json(sent: list[dict]) -> tuple[int, dict | bytes]:
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    start = sent[0]
+    is_json = (b"content-type", b"application/json") in start["headers"]
+    return start["status"], json.loads(body) if is_json else body
+
+
+LIMITS = EdgeLimits(max_body_bytes=100, body_timeout_s=0.3, max_concurrency=2)
+
+
+def test_a_body_in_pieces_reaches_the_app_whole():
+    sent = run_edge(LIMITS, [{"type": "http.request", "body": b"ab", "more_body": True},
+                             {"type": "http.request", "body": b"cd", "more_body": False}])
+    assert status_and_json(sent) == (200, b"app saw abcd")
+
+
+def test_a_body_over_the_limit_gets_413_naming_the_limit():
+    sent = run_edge(LIMITS, [{"type": "http.request", "body": b"x" * 60, "more_body": True},
+                             {"type": "http.request", "body": b"x" * 60, "more_body": False}])
+    status, body = status_and_json(sent)
+    assert status == 413 and "100 bytes" in body["error"]
+
+
+def test_a_body_slower_than_the_timeout_gets_408():
+    sent = run_edge(LIMITS, [{"type": "http.request", "body": b"ab", "more_body": True},
+                             {"type": "http.request", "body": b"cd", "more_body": False, "delay": 1.0}])
+    status, body = status_and_json(sent)
+    assert status == 408 and "0.3 s" in body["error"]
+
+
+def test_requests_over_the_concurrency_limit_get_429_with_retry_after():
+    sent = run_edge(LIMITS, [{"type": "http.request", "body": b"x"}], app_wait=asyncio.Event(), concurrent=3)
+    status, body = status_and_json(sent)
+    assert status == 429 and "at most 2" in body["error"] and (b"retry-after", b"1") in sent[0]["headers"]
+
+
+@pytest.mark.parametrize(("path", "method", "status"), [("/nope", "GET", 404), ("/predict", "GET", 405)])
+def test_unknown_paths_and_methods_get_json_errors(path, method, status):
+    answer, body = status_and_json(run_edge(LIMITS, [], path=path, method=method))
+    assert answer == status and path in body["error"]

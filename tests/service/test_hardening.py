@@ -4,13 +4,9 @@ registry outages. Each runs against a real ``bentoml serve`` with short client t
 from __future__ import annotations
 
 import io
-import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from service.launcher import child_env, free_port, start_service, stop_service
+from service.launcher import free_port, start_mlflow_server, start_service, stop_process, stop_service
 from tests.service.helpers import ADMIN_TOKEN
 
 pytestmark = pytest.mark.slow
@@ -226,26 +222,14 @@ def test_registry_down_at_start_exits_quickly_with_one_line(tmp_path):
 def test_reload_during_a_registry_outage_fails_fast_with_503(trained_registry, tmp_path):
     store = tmp_path / "mlflow.db"
     shutil.copy(trained_registry.tracking_uri.removeprefix("sqlite:///"), store)
-    port = free_port()
-    mlflow_log = (tmp_path / "mlflow.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              env=child_env(), stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(f"sqlite:///{store}", tmp_path / "mlflow.log")
     running = None
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        running = start_service({"MLFLOW_TRACKING_URI": url, "MODEL_POLL_SECONDS": "0", "ADMIN_TOKEN": ADMIN_TOKEN,
+        assert server.process.poll() is None, server.log()[-3000:]
+        running = start_service({"MLFLOW_TRACKING_URI": server.url, "MODEL_POLL_SECONDS": "0", "ADMIN_TOKEN": ADMIN_TOKEN,
                                  "REGISTRY_TIMEOUT_S": "4"}, tmp_path / "service.log")
         assert running.process.poll() is None, running.log()[-3000:]
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_process(server)
         started = time.monotonic()
         answer = requests.post(f"{running.url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60)
         assert answer.status_code == 503 and "cannot reach" in answer.json()["error"], answer.text
@@ -254,6 +238,4 @@ def test_reload_during_a_registry_outage_fails_fast_with_503(trained_registry, t
     finally:
         if running:
             stop_service(running)
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-        mlflow_log.close()
+        stop_process(server)

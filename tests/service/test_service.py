@@ -18,7 +18,7 @@ from PIL import Image
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from service.launcher import start_service, stop_service
-from tests.conftest import SAMPLE_NPZ, last_json_line, run_pipeline
+from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline
 from tests.service.helpers import ADMIN_TOKEN, batch_histogram, predict_request, saved_model_probabilities, served_version
 
 pytestmark = pytest.mark.slow
