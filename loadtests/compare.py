@@ -14,12 +14,9 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
-import time
-import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -27,7 +24,8 @@ import psutil
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from service.launcher import child_env, free_port, start_service, stop_service  # noqa: E402
+from loadtests.run import run_profile  # noqa: E402
+from service.launcher import start_mlflow_models_serve, start_service, stop_process  # noqa: E402
 
 SERVERS = {
     "service, batching on": {"env": {}, "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},
@@ -67,38 +65,6 @@ class PeakRss:
         return self.peak
 
 
-def start_mlflow_serve(model_uri: str, log_path: Path) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                    "--host", "127.0.0.1", "--port", str(port)], env=child_env(), stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited:\n{log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                return url, process
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("mlflow models serve did not come up")
-
-
-def run_profile(profile: str, url: str, user_class: str, run_time: str, out: Path, grpc_target: str | None) -> dict:
-    sys.path.insert(0, str(REPO))
-    from loadtests import run as runner
-
-    profiles = runner.load_profiles()
-    profiles[profile]["run_time"] = run_time
-    runner.load_profiles = lambda: profiles
-    runner.main([profile, "--host", url, "--user-class", user_class, "--out", str(out),
-                 *(["--grpc-target", grpc_target] if grpc_target else [])])
-    latest = max((p for p in out.iterdir() if p.name.endswith(f"-{profile}")), key=lambda p: p.name)
-    return json.loads((latest / "summary.json").read_text())["stats"]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", required=True, help="a registered version, e.g. models:/mnist-cnn/3")
@@ -106,28 +72,27 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "reports")
     parser.add_argument("--write", type=Path, help="also write the Markdown table here (e.g. loadtests/RESULTS.md)")
     args = parser.parse_args()
-    out = args.out / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-compare"
+    out = args.out / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-compare"
     out.mkdir(parents=True)
 
     rows = {}
     for name, spec in SERVERS.items():
         slug = name.replace(",", "").replace(" ", "-")
         if spec.get("mlflow"):
-            url, process = start_mlflow_serve(args.model_uri, out / f"{slug}.log")
-            grpc_target = None
-            stop = lambda: (os.killpg(process.pid, 15), process.wait(timeout=30))  # noqa: E731
+            server = start_mlflow_models_serve(args.model_uri, out / f"{slug}.log", cwd=Path.cwd())
         else:
-            service = start_service({"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0", **spec["env"]},
-                                    out / f"{slug}.log", cwd=Path.cwd())
-            url, process, stop = service.url, service.process, lambda: stop_service(service)  # noqa: E731
-            grpc_target = service.grpc_target
-        rss = PeakRss(process.pid)
+            server = start_service({"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0", **spec["env"]},
+                                   out / f"{slug}.log", cwd=Path.cwd())
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{name} did not start:\n{server.log()[-2000:]}")
+        rss = PeakRss(server.process.pid)
         try:
-            results = {profile: run_profile(profile, url, spec["users"][profile], args.run_time, out / slug, grpc_target)
+            results = {profile: run_profile(profile, server.url, out / slug, user_classes=[spec["users"][profile]],
+                                            run_time=args.run_time, grpc_target=server.grpc_target).stats
                        for profile in ("steady", "rate", "batch")}
         finally:
             peak = rss.stop()
-            stop()
+            stop_process(server)
         rows[name] = {**results, "peak_rss_mib": peak / 2**20}
         print(name, json.dumps(rows[name]), flush=True)
 
@@ -148,7 +113,7 @@ def markdown(rows: dict, args: argparse.Namespace) -> str:
     lines = [
         "# Serving benchmark", "",
         f"`python -m loadtests.compare --model-uri {args.model_uri} --run-time {args.run_time}` — "
-        f"{datetime.now(timezone.utc):%Y-%m-%d}, {platform.machine()}, {os.cpu_count()} CPUs shared by the servers and Locust.", "",
+        f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {os.cpu_count()} CPUs shared by the servers and Locust.", "",
         "| server | 64 users: req/s | p50 ms | p99 ms | failures | open loop at 500 req/s: achieved req/s | p99 ms | 256-image requests: images/s | peak RSS MiB | Locust CPU (cores) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]

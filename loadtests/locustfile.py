@@ -44,7 +44,7 @@ def _check(response, labels: list[int], digits: list[int]) -> None:
     if len(digits) != len(labels):
         response.failure(f"expected {len(labels)} answers, got {len(digits)}")
         return
-    correct = sum(d == l for d, l in zip(digits, labels))
+    correct = sum(digit == label for digit, label in zip(digits, labels, strict=True))
     # one image: a single wrong digit is a model error, not a service error; only batches are judged, and
     # rounding down lets a small batch hold the misreads a 98 % model makes (2 of 8 happens in ~1 % of them)
     if len(labels) > 1 and correct < int(MIN_CORRECT * len(labels)):
@@ -153,7 +153,7 @@ class GrpcUser(User):
         self.channel = grpc.insecure_channel(target)
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.requests = []
-        for raw, digit in zip(RAW_PIXELS, DIGITS):
+        for raw, digit in zip(RAW_PIXELS, DIGITS, strict=True):
             request = predict_pb2.PredictRequest()
             request.model_spec.name = "mnist"
             tensor = request.inputs["pixels"]

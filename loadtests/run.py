@@ -19,13 +19,18 @@ import resource
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+from contract import registry_uri  # noqa: E402
+from service.launcher import start_service, stop_service  # noqa: E402
+
 PROFILES = HERE / "profiles.yaml"
 
 
@@ -114,69 +119,91 @@ def chart(out: Path, title: str) -> Path:
     return path
 
 
+@dataclass
+class Outcome:
+    """A judged load test: the summary written to ``summary.json``, and the SLOs it broke."""
+
+    summary: dict
+    broken: list[str]
+
+    @property
+    def stats(self) -> dict:
+        return self.summary["stats"]
+
+
+def run_profile(name: str, host: str, out_dir: Path, *, profile: dict | None = None, user_classes: list[str] | None = None,
+                run_time: str | None = None, grpc_target: str | None = None, processes: int | None = None) -> Outcome:
+    """Run profile ``name`` (or ``profile`` as given) against ``host``, headless, and judge it.
+
+    Writes Locust's CSVs and HTML report, ``chart.png`` and ``summary.json`` under
+    ``<out_dir>/<UTC time>-<name>/``. Raises RuntimeError when Locust itself fails."""
+    profile = dict(profile or load_profiles()[name])
+    if user_classes:
+        profile["user_classes"] = user_classes
+    if run_time:
+        profile["run_time"] = run_time
+    out = out_dir / f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{name}"
+    out.mkdir(parents=True)
+    env = {**os.environ, **{k: str(v) for k, v in (profile.get("env") or {}).items()}}
+    if grpc_target:
+        env["LOAD_GRPC_TARGET"] = grpc_target
+    command = locust_command(profile, host, out, processes or profile.get("processes", 1))
+    print(f"profile {name}: {profile['description']}\n$ {' '.join(command)}", flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.run(command, env=env, cwd=REPO)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode not in (0, 1) or not (out / "locust_stats.csv").exists():
+        raise RuntimeError(f"locust exited with {proc.returncode} (see {out})")
+
+    stats = aggregated(out)
+    generator_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    stats["load_generator_cpu_cores"] = round(generator_cpu / wall, 2)
+    broken = judge(stats, profile.get("slo") or {})
+    chart(out, f"{name}: {stats['requests_per_s']:.0f} req/s, p50 {stats['p50_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms")
+    summary = {"profile": name, "host": host, "stats": stats, "slo": profile.get("slo"),
+               "slo_broken": broken, "passed": not broken, "machine_cpus": os.cpu_count(), "report_dir": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return Outcome(summary, broken)
+
+
 def main(argv: list[str] | None = None) -> int:
     profiles = load_profiles()
     parser = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("profile", choices=sorted(profiles))
     parser.add_argument("--host", help="base URL of a running service; without it the service is started here")
-    parser.add_argument("--model-uri", default=os.environ.get("MODEL_URI", "models:/mnist-cnn@champion"),
-                        help="MODEL_URI for the service this runner starts [models:/mnist-cnn@champion]")
+    parser.add_argument("--model-uri", default=os.environ.get("MODEL_URI") or registry_uri(),
+                        help=f"MODEL_URI for the service this runner starts [{registry_uri()}]")
     parser.add_argument("--grpc-target", help="host:port of the running service's gRPC API, for GrpcUser "
                                               "[the host's name, port $GRPC_PORT or 8500]")
     parser.add_argument("--processes", type=int, help="Locust processes (default: the profile's)")
     parser.add_argument("--user-class", action="append", help="override the profile's Locust user classes")
     parser.add_argument("--out", type=Path, default=HERE / "reports")
     args = parser.parse_args(argv)
-    profile = profiles[args.profile]
-    if args.user_class:
-        profile = {**profile, "user_classes": args.user_class}
 
-    out = args.out / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{args.profile}"
-    out.mkdir(parents=True)
     service = None
     if args.host is None:
-        sys.path.insert(0, str(REPO))
-        from service.launcher import start_service
-
-        service = start_service({"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0"}, out / "service.log", cwd=Path.cwd())
+        service = start_service({"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0"},
+                                args.out / f"service-{os.getpid()}.log", cwd=Path.cwd())
         if service.process.poll() is not None:
-            print(f"error: the service did not start (see {out / 'service.log'})", file=sys.stderr)
+            print(f"error: the service did not start (see {service.log_path})", file=sys.stderr)
             return 2
-    host = args.host or service.url
     try:
-        env = {**os.environ, **{k: str(v) for k, v in (profile.get("env") or {}).items()}}
-        grpc_target = args.grpc_target or (service.grpc_target if service is not None else None)
-        if grpc_target:
-            env["LOAD_GRPC_TARGET"] = grpc_target
-        command = locust_command(profile, host, out, args.processes or profile.get("processes", 1))
-        print(f"profile {args.profile}: {profile['description']}\n$ {' '.join(command)}", flush=True)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.perf_counter()
-        proc = subprocess.run(command, env=env, cwd=REPO)
-        wall = time.perf_counter() - started
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        outcome = run_profile(args.profile, args.host or service.url, args.out, profile=profiles[args.profile],
+                              user_classes=args.user_class, processes=args.processes,
+                              grpc_target=args.grpc_target or (service.grpc_target if service is not None else None))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if service is not None:
-            from service.launcher import stop_service
-
             stop_service(service)
-    if proc.returncode not in (0, 1) or not (out / "locust_stats.csv").exists():
-        print(f"error: locust exited with {proc.returncode}", file=sys.stderr)
-        return 2
-
-    stats = aggregated(out)
-    generator_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    stats["load_generator_cpu_cores"] = round(generator_cpu / wall, 2)
-    broken = judge(stats, profile.get("slo") or {})
-    chart(out, f"{args.profile}: {stats['requests_per_s']:.0f} req/s, p50 {stats['p50_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms")
-    summary = {"profile": args.profile, "host": host, "stats": stats, "slo": profile.get("slo"),
-               "slo_broken": broken, "passed": not broken, "machine_cpus": os.cpu_count(), "report_dir": str(out)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    for line in broken:
+    print(json.dumps(outcome.summary, indent=2))
+    for line in outcome.broken:
         print(f"SLO BROKEN: {line}", file=sys.stderr)
-    return 1 if broken else 0
+    return 1 if outcome.broken else 0
 
 
 if __name__ == "__main__":

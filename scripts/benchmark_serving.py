@@ -25,7 +25,6 @@ import json
 import os
 import re
 import resource
-import signal
 import struct
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from service.launcher import child_env, free_port, start_service, stop_service  # noqa: E402
+from service.launcher import free_port, start_mlflow_models_serve, start_service, stop_process, stop_service  # noqa: E402
 
 SAMPLE_NPZ = REPO / "tests" / "fixtures" / "mnist-sample.npz"
 CONNECTIONS = 64
@@ -168,27 +167,15 @@ def bench_service(model_uri: str, design: str, workers: int, args: argparse.Name
 
 
 def bench_mlflow(model_uri: str, args: argparse.Namespace, body: Path, workdir: Path) -> dict:
-    port = free_port()
-    env = child_env({"MLFLOW_TRACKING_URI": args.tracking_uri} if args.tracking_uri else {})
-    with (workdir / "mlflow-serve.log").open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                                    "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+    server = start_mlflow_models_serve(model_uri, workdir / "mlflow-serve.log",
+                                       {"MLFLOW_TRACKING_URI": args.tracking_uri} if args.tracking_uri else None)
     try:
-        import requests
-
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(1)
+        if server.process.poll() is not None:
+            raise RuntimeError(f"mlflow models serve did not start:\n{server.log()[-2000:]}")
         return {"server": "mlflow models serve", "route": "/invocations", "load": "64 conns", "repeat": 1,
-                **wrk(f"http://127.0.0.1:{port}/invocations", body, args.duration, workdir)}
+                **wrk(f"{server.url}/invocations", body, args.duration, workdir)}
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+        stop_process(server)
 
 
 def main() -> None:

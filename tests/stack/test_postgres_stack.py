@@ -9,22 +9,18 @@ it); the test creates and drops its own database, and skips with the reason when
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import time
 import uuid
 from dataclasses import dataclass
 
-import psutil
-
 import numpy as np
+import psutil
 import pytest
 import requests
 import tensorflow as tf
 import yaml
 
-from service.launcher import REPO_ROOT, child_env, free_port, start_service, stop_service
-from tests.conftest import SAMPLE_NPZ, last_json_line, run_pipeline
+from service.launcher import REPO_ROOT, free_port, start_process, start_service, stop_process, stop_service
+from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline
 
 pytestmark = pytest.mark.slow
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -73,30 +69,16 @@ def tracking_server(postgres_database, tmp_path_factory):
     log_path = home / "mlflow.log"
     secrets = {name: uuid.uuid4().hex for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
                                                    "MLFLOW_PIPELINE_PASSWORD", "MLFLOW_SERVICE_PASSWORD")}
-    env = child_env({"MLFLOW_BACKEND_STORE_URI": postgres_database, "MLFLOW_ARTIFACTS_DESTINATION": artifacts.as_uri(),
+    env = {"MLFLOW_BACKEND_STORE_URI": postgres_database, "MLFLOW_ARTIFACTS_DESTINATION": artifacts.as_uri(),
                      "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1", "TMPDIR": str(home),
                      "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port},127.0.0.1,localhost:{port}",
-                     "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{home / 'basic_auth.db'}", **secrets})
-    with log_path.open("w") as log:
-        process = subprocess.Popen(["sh", str(REPO_ROOT / "mlflow" / "start.sh")], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+                     "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{home / 'basic_auth.db'}", **secrets}
+    server = start_process(["sh", str(REPO_ROOT / "mlflow" / "start.sh")], f"http://127.0.0.1:{port}", "/health", log_path, env)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(1)
-        else:
-            raise AssertionError(f"mlflow server did not come up:\n{log_path.read_text()[-3000:]}")
-        yield TrackingServer(url, process.pid, secrets)
+        assert server.process.poll() is None, server.log()[-3000:]
+        yield TrackingServer(server.url, server.process.pid, secrets)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
+        stop_process(server, timeout=60)
 
 
 def test_compose_uses_the_same_start_command():
