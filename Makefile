@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= champion
 PORT ?= 3000
+UI_PORT ?= 5000
 BIN := $(VENV)/bin
 
-.PHONY: run train serve test test-fast install install-dev clean
+.PHONY: run announce train serve draw ui test test-fast lint format install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +19,12 @@ install-dev: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 
 ## make run: install, train $(CONFIG), register and gate it, then serve the champion on $(PORT)
-run: install train serve
+run: announce install train serve
+
+announce:
+	@echo "make run: 1) install into $(VENV) (a few minutes the first time)"
+	@echo "          2) train the '$(CONFIG)' config (its plan line says how long; CONFIG=seed takes about a minute)"
+	@echo "          3) serve the champion on http://127.0.0.1:$(PORT) (drawing page: /draw, or 'make draw'; runs: 'make ui')"
 
 train:
 	$(BIN)/python -m pipeline train --config $(CONFIG)
@@ -26,12 +32,34 @@ train:
 serve:
 	GRPC_HOST=$${GRPC_HOST:-$${HOST:-127.0.0.1}} $(BIN)/bentoml serve service:Digits --host $${HOST:-127.0.0.1} --port $(PORT)
 
+## make draw: open the drawing page of the service running on $(PORT)
+draw:
+	@$(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:$(PORT)/readyz', timeout=3)" 2>/dev/null \
+	  || { echo "no service answers on port $(PORT): start one with 'make serve' (or 'make run') first"; exit 1; }
+	@echo "drawing page: http://127.0.0.1:$(PORT)/draw"
+	@$(BIN)/python -m webbrowser -t "http://127.0.0.1:$(PORT)/draw" >/dev/null 2>&1 || true
+
+## make ui: the MLflow UI on $(UI_PORT) over this project's tracking store ($$MLFLOW_TRACKING_URI, else mlflow.db)
+ui:
+	@case "$${MLFLOW_TRACKING_URI:-}" in http*) echo "runs live on the tracking server: open $$MLFLOW_TRACKING_URI"; exit 0;; esac; \
+	  echo "MLflow UI: http://127.0.0.1:$(UI_PORT) (Ctrl-C stops it)"; \
+	  $(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $(UI_PORT)
+
 ## make test: install with the dev extra and run every test (make test-fast skips the slow end-to-end ones)
 test: install-dev
 	$(BIN)/python -m pytest
 
 test-fast: install-dev
 	$(BIN)/python -m pytest -m "not slow"
+
+## make lint: ruff's lint and format checks (make format applies the formatting)
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install-dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts exports

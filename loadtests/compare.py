@@ -29,16 +29,26 @@ from service.launcher import start_mlflow_models_serve, start_service, stop_proc
 
 SERVERS = {
     "service, batching on": {"env": {}, "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},
-    "service, batching on, 2 workers": {"env": {"SERVICE_WORKERS": "2"},
-                                        "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},
+    "service, batching on, 2 workers": {
+        "env": {"SERVICE_WORKERS": "2"},
+        "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"},
+    },
     "service, 2 workers, TF Serving REST (8 images a request)": {
-        "env": {"SERVICE_WORKERS": "2"}, "users": {"steady": "TFServingUser", "rate": "TFServingUser", "batch": "BatchUser"}},
-    "service, 2 workers, gRPC": {"env": {"SERVICE_WORKERS": "2"},
-                                 "users": {"steady": "GrpcUser", "rate": "GrpcUser", "batch": "BatchUser"}},
-    "service, batching off": {"env": {"BATCHING": "off"},
-                              "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},
-    "mlflow models serve": {"mlflow": True,
-                            "users": {"steady": "MlflowSingleUser", "rate": "MlflowSingleUser", "batch": "MlflowBatchUser"}},
+        "env": {"SERVICE_WORKERS": "2"},
+        "users": {"steady": "TFServingUser", "rate": "TFServingUser", "batch": "BatchUser"},
+    },
+    "service, 2 workers, gRPC": {
+        "env": {"SERVICE_WORKERS": "2"},
+        "users": {"steady": "GrpcUser", "rate": "GrpcUser", "batch": "BatchUser"},
+    },
+    "service, batching off": {
+        "env": {"BATCHING": "off"},
+        "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"},
+    },
+    "mlflow models serve": {
+        "mlflow": True,
+        "users": {"steady": "MlflowSingleUser", "rate": "MlflowSingleUser", "batch": "MlflowBatchUser"},
+    },
 }
 
 
@@ -81,15 +91,24 @@ def main() -> int:
         if spec.get("mlflow"):
             server = start_mlflow_models_serve(args.model_uri, out / f"{slug}.log", cwd=Path.cwd())
         else:
-            server = start_service({"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0", **spec["env"]},
-                                   out / f"{slug}.log", cwd=Path.cwd())
+            server = start_service(
+                {"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0", **spec["env"]}, out / f"{slug}.log", cwd=Path.cwd()
+            )
         if server.process.poll() is not None:
             raise RuntimeError(f"{name} did not start:\n{server.log()[-2000:]}")
         rss = PeakRss(server.process.pid)
         try:
-            results = {profile: run_profile(profile, server.url, out / slug, user_classes=[spec["users"][profile]],
-                                            run_time=args.run_time, grpc_target=server.grpc_target).stats
-                       for profile in ("steady", "rate", "batch")}
+            results = {
+                profile: run_profile(
+                    profile,
+                    server.url,
+                    out / slug,
+                    user_classes=[spec["users"][profile]],
+                    run_time=args.run_time,
+                    grpc_target=server.grpc_target,
+                ).stats
+                for profile in ("steady", "rate", "batch")
+            }
         finally:
             peak = rss.stop()
             stop_process(server)
@@ -111,23 +130,31 @@ def _answered_per_s(stats: dict) -> float:
 def markdown(rows: dict, args: argparse.Namespace) -> str:
     batched = rows["service, batching on"]["steady"]["requests_per_s"]
     lines = [
-        "# Serving benchmark", "",
+        "# Serving benchmark",
+        "",
         f"`python -m loadtests.compare --model-uri {args.model_uri} --run-time {args.run_time}` — "
-        f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {os.cpu_count()} CPUs shared by the servers and Locust.", "",
-        "| server | 64 users: req/s | p50 ms | p99 ms | failures | open loop at 500 req/s: achieved req/s | p99 ms | 256-image requests: images/s | peak RSS MiB | Locust CPU (cores) |",
+        f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {os.cpu_count()} CPUs shared by the servers and Locust.",
+        "",
+        "| server | 64 users: req/s | p50 ms | p99 ms | failures | open loop at 500 req/s: achieved req/s | p99 ms "
+        "| 256-image requests: images/s | peak RSS MiB | Locust CPU (cores) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows.items():
         steady, rate, batch = r["steady"], r["rate"], r["batch"]
         lines.append(
             f"| {name} | {steady['requests_per_s']:.0f} | {steady['p50_ms']:.0f} | {steady['p99_ms']:.0f} | "
-            f"{steady['failures'] + rate['failures'] + batch['failures']} | {rate['requests_per_s']:.0f} | {rate['p99_ms']:.0f} | "
+            f"{steady['failures'] + rate['failures'] + batch['failures']} | "
+            f"{rate['requests_per_s']:.0f} | {rate['p99_ms']:.0f} | "
             f"{_answered_per_s(batch) * 256:.0f} | {r['peak_rss_mib']:.0f} | {steady['load_generator_cpu_cores']:.2f} |"
         )
     mlflow_rps = rows["mlflow models serve"]["steady"]["requests_per_s"]
     off_rps = rows["service, batching off"]["steady"]["requests_per_s"]
-    lines += ["", f"Batching on vs off: {batched / off_rps:.2f}x requests/s; this service vs `mlflow models serve`: "
-                  f"{batched / mlflow_rps:.1f}x.", ""]
+    lines += [
+        "",
+        f"Batching on vs off: {batched / off_rps:.2f}x requests/s; this service vs `mlflow models serve`: "
+        f"{batched / mlflow_rps:.1f}x.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -32,8 +32,9 @@ grpc_gevent.init_gevent()  # gRPC's own threads must cooperate with Locust's gev
 DIGITS = json.loads((Path(__file__).parent / "digits.json").read_text())["digits"]
 # bodies encoded once, so the generator (which shares the CPU with the server) spends no time on it
 SINGLE_BODIES = [(json.dumps(d["pixels"], separators=(",", ":")), d["label"]) for d in DIGITS]
-MLFLOW_SINGLE_BODIES = [(json.dumps({"inputs": [[[[v] for v in row] for row in d["pixels"]]]}, separators=(",", ":")),
-                         d["label"]) for d in DIGITS]
+MLFLOW_SINGLE_BODIES = [
+    (json.dumps({"inputs": [[[[v] for v in row] for row in d["pixels"]]]}, separators=(",", ":")), d["label"]) for d in DIGITS
+]
 RAW_PIXELS = [bytes(v for row in d["pixels"] for v in row) for d in DIGITS]  # 784 uint8 each
 BATCH_SIZE = int(os.environ.get("LOAD_BATCH_SIZE", "256"))
 RATE_PER_USER = float(os.environ.get("LOAD_RATE_PER_USER", "0"))  # >0: open loop at this many requests/s per user
@@ -67,8 +68,9 @@ class _DigitsUser(FastHttpUser):
 
     def _post_json(self, path: str, body: object, name: str, labels: list[int], parse) -> None:
         data = body if isinstance(body, str) else json.dumps(body)
-        with self.client.post(path, data=data, headers={"Content-Type": "application/json"},
-                              name=name, catch_response=True) as response:
+        with self.client.post(
+            path, data=data, headers={"Content-Type": "application/json"}, name=name, catch_response=True
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return
@@ -105,8 +107,13 @@ class BatchUser(_DigitsUser):
     def predict_batch(self) -> None:
         chosen = random.choices(range(len(DIGITS)), k=BATCH_SIZE)
         raw = b"".join(RAW_PIXELS[i] for i in chosen)
-        self._post_json("/predict", {"b64": base64.b64encode(raw).decode()}, f"/predict [{BATCH_SIZE} images]",
-                        [DIGITS[i]["label"] for i in chosen], _predict_digits)
+        self._post_json(
+            "/predict",
+            {"b64": base64.b64encode(raw).decode()},
+            f"/predict [{BATCH_SIZE} images]",
+            [DIGITS[i]["label"] for i in chosen],
+            _predict_digits,
+        )
 
 
 class UploadUser(_DigitsUser):
@@ -133,9 +140,13 @@ class TFServingUser(_DigitsUser):
     @task
     def tf_predict(self) -> None:
         chosen = random.choices(DIGITS, k=8)
-        self._post_json("/v1/models/mnist:predict", {"instances": [d["pixels"] for d in chosen]},
-                        "/v1/models/mnist:predict [8]", [d["label"] for d in chosen],
-                        lambda answer: [p["digit"] for p in answer["predictions"]])
+        self._post_json(
+            "/v1/models/mnist:predict",
+            {"instances": [d["pixels"] for d in chosen]},
+            "/v1/models/mnist:predict [8]",
+            [d["label"] for d in chosen],
+            lambda answer: [p["digit"] for p in answer["predictions"]],
+        )
 
 
 class GrpcUser(User):
@@ -148,8 +159,10 @@ class GrpcUser(User):
     def on_start(self) -> None:
         from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-        target = os.environ.get("LOAD_GRPC_TARGET") or \
-            f"{(self.host or 'http://127.0.0.1').split('://')[-1].split(':')[0]}:{os.environ.get('GRPC_PORT', '8500')}"
+        target = (
+            os.environ.get("LOAD_GRPC_TARGET")
+            or f"{(self.host or 'http://127.0.0.1').split('://')[-1].split(':')[0]}:{os.environ.get('GRPC_PORT', '8500')}"
+        )
         self.channel = grpc.insecure_channel(target)
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.requests = []
@@ -180,9 +193,14 @@ class GrpcUser(User):
                 error = ValueError("answer needs a digit and 10 float32 probabilities")
         except grpc.RpcError as exc:
             error = exc
-        self.environment.events.request.fire(request_type="gRPC", name="Predict [1 image]",
-                                             response_time=(time.perf_counter() - started) * 1000,
-                                             response_length=length, exception=error, context={})
+        self.environment.events.request.fire(
+            request_type="gRPC",
+            name="Predict [1 image]",
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=length,
+            exception=error,
+            context={},
+        )
 
 
 class MlflowSingleUser(_DigitsUser):
@@ -203,8 +221,9 @@ class MlflowBatchUser(_DigitsUser):
     def invocations_batch(self) -> None:
         chosen = random.choices(DIGITS, k=BATCH_SIZE)
         body = {"inputs": [[[[v] for v in row] for row in d["pixels"]] for d in chosen]}
-        self._post_json("/invocations", body, f"/invocations [{BATCH_SIZE} images]", [d["label"] for d in chosen],
-                        _argmax_predictions)
+        self._post_json(
+            "/invocations", body, f"/invocations [{BATCH_SIZE} images]", [d["label"] for d in chosen], _argmax_predictions
+        )
 
 
 def _argmax_predictions(answer: dict) -> list[int]:

@@ -42,12 +42,33 @@ def locust_command(profile: dict, host: str, out: Path, processes: int) -> list[
     files = str(HERE / "locustfile.py")
     if profile.get("shape"):
         files += f",{REPO / profile['shape']}"
-    command = [sys.executable, "-m", "locust", "-f", files, "--headless", "--host", host,
-               "--csv", str(out / "locust"), "--csv-full-history", "--html", str(out / "report.html"),
-               "--only-summary", "--exit-code-on-error", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        files,
+        "--headless",
+        "--host",
+        host,
+        "--csv",
+        str(out / "locust"),
+        "--csv-full-history",
+        "--html",
+        str(out / "report.html"),
+        "--only-summary",
+        "--exit-code-on-error",
+        "0",
+    ]
     if not profile.get("shape"):
-        command += ["--users", str(profile["users"]), "--spawn-rate", str(profile["spawn_rate"]),
-                    "--run-time", profile["run_time"]]
+        command += [
+            "--users",
+            str(profile["users"]),
+            "--spawn-rate",
+            str(profile["spawn_rate"]),
+            "--run-time",
+            profile["run_time"],
+        ]
     if processes > 1:
         command += ["--processes", str(processes)]
     return command + list(profile["user_classes"])
@@ -62,7 +83,9 @@ def aggregated(out: Path) -> dict:
         "failures": int(row["Failure Count"]),
         "failure_ratio": int(row["Failure Count"]) / requests_total if requests_total else 1.0,
         "requests_per_s": float(row["Requests/s"]),
-        "p50_ms": _ms(row["50%"]), "p95_ms": _ms(row["95%"]), "p99_ms": _ms(row["99%"]),
+        "p50_ms": _ms(row["50%"]),
+        "p95_ms": _ms(row["95%"]),
+        "p99_ms": _ms(row["99%"]),
         "avg_ms": _ms(row["Average Response Time"]),
     }
 
@@ -131,8 +154,17 @@ class Outcome:
         return self.summary["stats"]
 
 
-def run_profile(name: str, host: str, out_dir: Path, *, profile: dict | None = None, user_classes: list[str] | None = None,
-                run_time: str | None = None, grpc_target: str | None = None, processes: int | None = None) -> Outcome:
+def run_profile(
+    name: str,
+    host: str,
+    out_dir: Path,
+    *,
+    profile: dict | None = None,
+    user_classes: list[str] | None = None,
+    run_time: str | None = None,
+    grpc_target: str | None = None,
+    processes: int | None = None,
+) -> Outcome:
     """Run profile ``name`` (or ``profile`` as given) against ``host``, headless, and judge it.
 
     Writes Locust's CSVs and HTML report, ``chart.png`` and ``summary.json`` under
@@ -162,22 +194,36 @@ def run_profile(name: str, host: str, out_dir: Path, *, profile: dict | None = N
     stats["load_generator_cpu_cores"] = round(generator_cpu / wall, 2)
     broken = judge(stats, profile.get("slo") or {})
     chart(out, f"{name}: {stats['requests_per_s']:.0f} req/s, p50 {stats['p50_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms")
-    summary = {"profile": name, "host": host, "stats": stats, "slo": profile.get("slo"),
-               "slo_broken": broken, "passed": not broken, "machine_cpus": os.cpu_count(), "report_dir": str(out)}
+    summary = {
+        "profile": name,
+        "host": host,
+        "stats": stats,
+        "slo": profile.get("slo"),
+        "slo_broken": broken,
+        "passed": not broken,
+        "machine_cpus": os.cpu_count(),
+        "report_dir": str(out),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return Outcome(summary, broken)
 
 
 def main(argv: list[str] | None = None) -> int:
     profiles = load_profiles()
-    parser = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("profile", choices=sorted(profiles))
     parser.add_argument("--host", help="base URL of a running service; without it the service is started here")
-    parser.add_argument("--model-uri", default=os.environ.get("MODEL_URI") or registry_uri(),
-                        help=f"MODEL_URI for the service this runner starts [{registry_uri()}]")
-    parser.add_argument("--grpc-target", help="host:port of the running service's gRPC API, for GrpcUser "
-                                              "[the host's name, port $GRPC_PORT or 8500]")
+    parser.add_argument(
+        "--model-uri",
+        default=os.environ.get("MODEL_URI") or registry_uri(),
+        help=f"MODEL_URI for the service this runner starts [{registry_uri()}]",
+    )
+    parser.add_argument(
+        "--grpc-target",
+        help="host:port of the running service's gRPC API, for GrpcUser [the host's name, port $GRPC_PORT or 8500]",
+    )
     parser.add_argument("--processes", type=int, help="Locust processes (default: the profile's)")
     parser.add_argument("--user-class", action="append", help="override the profile's Locust user classes")
     parser.add_argument("--out", type=Path, default=HERE / "reports")
@@ -185,15 +231,22 @@ def main(argv: list[str] | None = None) -> int:
 
     service = None
     if args.host is None:
-        service = start_service({"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0"},
-                                args.out / f"service-{os.getpid()}.log", cwd=Path.cwd())
+        service = start_service(
+            {"MODEL_URI": args.model_uri, "MODEL_POLL_SECONDS": "0"}, args.out / f"service-{os.getpid()}.log", cwd=Path.cwd()
+        )
         if service.process.poll() is not None:
             print(f"error: the service did not start (see {service.log_path})", file=sys.stderr)
             return 2
     try:
-        outcome = run_profile(args.profile, args.host or service.url, args.out, profile=profiles[args.profile],
-                              user_classes=args.user_class, processes=args.processes,
-                              grpc_target=args.grpc_target or (service.grpc_target if service is not None else None))
+        outcome = run_profile(
+            args.profile,
+            args.host or service.url,
+            args.out,
+            profile=profiles[args.profile],
+            user_classes=args.user_class,
+            processes=args.processes,
+            grpc_target=args.grpc_target or (service.grpc_target if service is not None else None),
+        )
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

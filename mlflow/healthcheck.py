@@ -7,8 +7,9 @@ import os
 import sys
 import urllib.request
 
-request = urllib.request.Request("http://127.0.0.1:5000/api/2.0/mlflow/experiments/search?max_results=1",
-                                 headers={"Host": "mlflow:5000"})
+request = urllib.request.Request(
+    "http://127.0.0.1:5000/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": "mlflow:5000"}
+)
 password = os.environ.get("MLFLOW_SERVICE_PASSWORD")
 if os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD") and password:
     request.add_header("Authorization", "Basic " + base64.b64encode(f"service:{password}".encode()).decode())

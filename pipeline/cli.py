@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: MLflow: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'SIGINT'}): the MLflow run is marked FAILED and nothing was registered",
-              file=sys.stderr)
+        print(f"interrupted ({exc or 'SIGINT'}): the MLflow run is marked FAILED and nothing was registered", file=sys.stderr)
         return 143 if "SIGTERM" in str(exc) else 130
 
 
@@ -42,22 +41,41 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train, export, register and gate a model",
-                           description="Train a config, log it to MLflow, export a SavedModel, register it "
-                                       "as the challenger and promote it to champion if it passes the gate.")
-    train.add_argument("--config", default=DEFAULT_CONFIG,
-                       help=f"named config (champion: our best, ~10 min on 2 CPU cores; seed: the notebook's, ~1 min) "
-                            f"or a .yaml path [{DEFAULT_CONFIG}]")
-    train.add_argument("--data", help="keras | path to a Keras-layout .npz | directory of IDX files "
-                                      "(default: $PIPELINE_DATA, then the config's data.source)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set epochs=3 --set training.batch_size=256")
+    train = sub.add_parser(
+        "train",
+        help="train, export, register and gate a model",
+        description="Train a config, log it to MLflow, export a SavedModel, register it "
+        "as the challenger and promote it to champion if it passes the gate.",
+    )
+    train.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"named config (champion: our best, ~10 min on 2 CPU cores; seed: the notebook's, ~1 min) "
+        f"or a .yaml path [{DEFAULT_CONFIG}]",
+    )
+    train.add_argument(
+        "--data",
+        help="keras | path to a Keras-layout .npz | directory of IDX files "
+        "(default: $PIPELINE_DATA, then the config's data.source)",
+    )
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set epochs=3 --set training.batch_size=256",
+    )
     train.set_defaults(handler=_train)
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a registered model version on a dataset",
-                              description="Download a registered version's SavedModel and report its accuracy.")
-    evaluate.add_argument("--model", default=CHAMPION,
-                          help=f"alias ({CHAMPION}), version number (3) or models:/ URI [{CHAMPION}]")
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="evaluate a registered model version on a dataset",
+        description="Download a registered version's SavedModel and report its accuracy.",
+    )
+    evaluate.add_argument(
+        "--model", default=CHAMPION, help=f"alias ({CHAMPION}), version number (3) or models:/ URI [{CHAMPION}]"
+    )
     evaluate.add_argument("--name", default=REGISTERED_MODEL, help=f"registered model name [{REGISTERED_MODEL}]")
     evaluate.add_argument("--data", help="as for train (default: $PIPELINE_DATA, then keras)")
     evaluate.add_argument("--split", choices=["test", "train"], default="test", help="which split to score [test]")
@@ -69,15 +87,24 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--alias", default=CHAMPION, help=f"alias to move [{CHAMPION}]")
     promote.set_defaults(handler=_promote)
 
-    recover = sub.add_parser("recover", help="clean up after a training process that died",
-                             description="Mark runs left RUNNING by dead processes FAILED, delete model versions "
-                                         "whose run did not finish (restoring the champion they replaced), remove "
-                                         "their exports and staging directories, break a dead gate lock. "
-                                         "Every train does this first.")
-    recover.add_argument("--config", default=DEFAULT_CONFIG,
-                         help=f"config naming the experiment, model and export dir [{DEFAULT_CONFIG}]")
-    recover.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
-                         help="a run from another host is dead after this long without a heartbeat [600]")
+    recover = sub.add_parser(
+        "recover",
+        help="clean up after a training process that died",
+        description="Mark runs left RUNNING by dead processes FAILED, delete model versions "
+        "whose run did not finish (restoring the champion they replaced), remove "
+        "their exports and staging directories, break a dead gate lock. "
+        "Every train does this first.",
+    )
+    recover.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"config naming the experiment, model and export dir [{DEFAULT_CONFIG}]"
+    )
+    recover.add_argument(
+        "--stale-after",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="a run from another host is dead after this long without a heartbeat [600]",
+    )
     recover.set_defaults(handler=_recover)
     return parser
 
@@ -95,13 +122,17 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run id: {result.run_id}")
     print(f"model version: {result.model_version}")
     print(f"gate: {'promoted' if result.promoted else 'not promoted'} ({result.decision.reason})")
-    print(json.dumps({
-        "run_id": result.run_id,
-        "model_version": str(result.model_version),
-        "test_accuracy": round(result.test_accuracy, 6),
-        "promoted": result.promoted,
-        "export_path": result.export_path,
-    }))
+    print(
+        json.dumps(
+            {
+                "run_id": result.run_id,
+                "model_version": str(result.model_version),
+                "test_accuracy": round(result.test_accuracy, 6),
+                "promoted": result.promoted,
+                "export_path": result.export_path,
+            }
+        )
+    )
     return 0
 
 
@@ -139,4 +170,3 @@ def _recover(args: argparse.Namespace) -> int:
     if not fixes:
         print(f"recover: nothing to do ({tracking.tracking_uri()})")
     return 0
-

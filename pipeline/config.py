@@ -109,8 +109,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Pipeli
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(
-            f"config {name_or_path!r} not found (named configs: {', '.join(available_configs())}, "
-            "or give a path to a .yaml file)"
+            f"config {name_or_path!r} not found (named configs: {', '.join(available_configs())}, or give a path to a .yaml file)"
         )
     try:
         raw = yaml.safe_load(path.read_text())
@@ -123,9 +122,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Pipeli
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid config {path.name}: {problems}") from None
 
 

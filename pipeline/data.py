@@ -73,9 +73,12 @@ class MnistData:
         n_val = max(1, int(round(len(order) * validation_split)))
         val, train = order[:n_val], order[n_val:]
         return Splits(
-            self.x_train[train], self.y_train[train],
-            self.x_train[val], self.y_train[val],
-            self.x_test, self.y_test,
+            self.x_train[train],
+            self.y_train[train],
+            self.x_train[val],
+            self.y_train[val],
+            self.x_test,
+            self.y_test,
         )
 
 
@@ -185,7 +188,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     magic = int.from_bytes(raw[:4], "big")
     if magic != _IDX_MAGIC[ndim]:
         raise DataError(f"{path}: bad IDX magic number {magic:#010x}, expected {_IDX_MAGIC[ndim]:#010x}")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = int(np.prod(dims))
     if len(raw) - header != expected:
         raise DataError(f"{path}: header says {dims} ({expected} bytes) but holds {len(raw) - header}")

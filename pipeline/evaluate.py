@@ -33,9 +33,7 @@ class Evaluation:
 
     def metrics(self) -> dict[str, float]:
         """Test loss/accuracy and per-class precision, recall and F1, named for MLflow."""
-        precision, recall, f1, _ = precision_recall_fscore_support(
-            self.labels, self.predictions, labels=LABELS, zero_division=0
-        )
+        precision, recall, f1, _ = precision_recall_fscore_support(self.labels, self.predictions, labels=LABELS, zero_division=0)
         metrics = {"test_accuracy": self.accuracy, "test_loss": self.loss}
         for digit in LABELS:
             metrics[f"test_precision_{digit}"] = float(precision[digit])
@@ -66,8 +64,9 @@ def registered_accuracy(model_uri: str, images: np.ndarray, labels: np.ndarray) 
     return float((probabilities.argmax(1) == labels).mean())
 
 
-def figures(model: keras.Model, history: dict[str, list[float]], evaluation: Evaluation,
-            images: np.ndarray) -> dict[str, plt.Figure]:
+def figures(
+    model: keras.Model, history: dict[str, list[float]], evaluation: Evaluation, images: np.ndarray
+) -> dict[str, plt.Figure]:
     """Every plot of a training run by file name; the caller logs and closes them."""
     return {
         "accuracy_curve.png": plot_curve(history, "accuracy"),
@@ -105,8 +104,7 @@ def plot_confusion_matrix(evaluation: Evaluation) -> plt.Figure:
     ax.set_title(f"Confusion matrix (test accuracy {evaluation.accuracy:.4f})")
     threshold = matrix.max() / 2
     for (row, col), count in np.ndenumerate(matrix):
-        ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
-                color="white" if count > threshold else "black")
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=7, color="white" if count > threshold else "black")
     fig.tight_layout()
     return fig
 

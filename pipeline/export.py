@@ -58,7 +58,9 @@ def predict_savedmodel(path: Path, images: np.ndarray, batch_size: int = 1024) -
     """Probabilities from a SavedModel's ``serving_default`` on uint8 ``[N, 28, 28]`` images."""
     serve = tf.saved_model.load(str(path)).signatures[SIGNATURE.name]
     chunks = [
-        serve(**{SIGNATURE.input: tf.constant(images[start:start + batch_size], dtype=tf.uint8)})[SIGNATURE.probabilities].numpy()
+        serve(**{SIGNATURE.input: tf.constant(images[start : start + batch_size], dtype=tf.uint8)})[
+            SIGNATURE.probabilities
+        ].numpy()
         for start in range(0, len(images), batch_size)
     ]
     return np.concatenate(chunks)
@@ -99,4 +101,3 @@ def staging_owner(staging: Path) -> tuple[str, str, str] | None:
     if len(parts) != 5 or not parts[1].isdigit():
         return None
     return parts[4], parts[1], parts[2]
-

@@ -36,14 +36,16 @@ def decide(candidate_accuracy: float, champion_accuracy: float | None, floor: fl
     if candidate_accuracy < floor:
         promote, reason = False, f"test accuracy {candidate_accuracy:.4f} is below the floor {floor:.4f}"
     elif champion_accuracy is not None and candidate_accuracy < champion_accuracy:
-        promote, reason = False, (
-            f"test accuracy {candidate_accuracy:.4f} is below the current champion's {champion_accuracy:.4f}"
+        promote, reason = (
+            False,
+            (f"test accuracy {candidate_accuracy:.4f} is below the current champion's {champion_accuracy:.4f}"),
         )
     elif champion_accuracy is None:
         promote, reason = True, f"no champion yet and {candidate_accuracy:.4f} >= floor {floor:.4f}"
     else:
-        promote, reason = True, (
-            f"test accuracy {candidate_accuracy:.4f} >= champion's {champion_accuracy:.4f} and >= floor {floor:.4f}"
+        promote, reason = (
+            True,
+            (f"test accuracy {candidate_accuracy:.4f} >= champion's {champion_accuracy:.4f} and >= floor {floor:.4f}"),
         )
     return GateDecision(promote, candidate_accuracy, champion_accuracy, floor, reason)
 
@@ -54,9 +56,14 @@ class GateOutcome:
     previous_champion: str | None  # the champion version the decision was made against
 
 
-def gate_and_promote(name: str, version: str, candidate_accuracy: float, floor: float,
-                     champion_accuracy: Callable[[str], float],
-                     before_promote: Callable[[str | None], None] = lambda _: None) -> GateOutcome:
+def gate_and_promote(
+    name: str,
+    version: str,
+    candidate_accuracy: float,
+    floor: float,
+    champion_accuracy: Callable[[str], float],
+    before_promote: Callable[[str | None], None] = lambda _: None,
+) -> GateOutcome:
     """Read the champion, score it, decide and move the alias, all under :func:`gate_lock`.
 
     ``champion_accuracy(version)`` scores a registered version on the candidate's test data;
@@ -98,8 +105,11 @@ def gate_lock(name: str, wait_s: float = 900.0, poll_s: float = 0.5) -> Iterator
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            client.create_registered_model(lock, tags={"holder": holder, "acquired_at": f"{time.time():.0f}"},
-                                           description=f"held while a training run gates {name}; deleted after")
+            client.create_registered_model(
+                lock,
+                tags={"holder": holder, "acquired_at": f"{time.time():.0f}"},
+                description=f"held while a training run gates {name}; deleted after",
+            )
             break
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -107,8 +117,10 @@ def gate_lock(name: str, wait_s: float = 900.0, poll_s: float = 0.5) -> Iterator
         if break_stale_lock(name):
             continue
         if time.monotonic() > deadline:
-            raise GateBusy(f"the gate of {name} is still held by another training after {wait_s:.0f}s "
-                           f"(registered model {lock}); retry later or run `python -m pipeline recover`")
+            raise GateBusy(
+                f"the gate of {name} is still held by another training after {wait_s:.0f}s "
+                f"(registered model {lock}); retry later or run `python -m pipeline recover`"
+            )
         time.sleep(poll_s)
     try:
         yield

@@ -48,8 +48,9 @@ class JobResult:
     train_images: int
 
 
-def run_training(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Callable[[str], None] = print,
-                 stop: StopSignals | None = None) -> JobResult:
+def run_training(
+    cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Callable[[str], None] = print, stop: StopSignals | None = None
+) -> JobResult:
     """The whole job in one MLflow run. ``stop`` (installed by the CLI) keeps signals out of the commit."""
     stop = stop or StopSignals()
     configure_devices(cfg.training)
@@ -94,12 +95,16 @@ def run_training(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Call
 def plan(cfg: PipelineConfig, train_images: int) -> str:
     """What training will do and, when the config says how fast it trained on a reference machine, how long."""
     tcfg = cfg.training
-    line = (f"plan: train {cfg.name} for up to {tcfg.epochs} epochs on {train_images:,} images (batch {tcfg.batch_size}), "
-            "then evaluate, export, register and gate")
+    line = (
+        f"plan: train {cfg.name} for up to {tcfg.epochs} epochs on {train_images:,} images (batch {tcfg.batch_size}), "
+        "then evaluate, export, register and gate"
+    )
     if cfg.estimate.images_per_s:
         expected = tcfg.epochs * train_images / cfg.estimate.images_per_s
-        line += (f"; expect about {duration(expected)} of training on {cfg.estimate.measured_on} "
-                 f"({cfg.estimate.images_per_s:,.0f} images/s there); an ETA follows each epoch")
+        line += (
+            f"; expect about {duration(expected)} of training on {cfg.estimate.measured_on} "
+            f"({cfg.estimate.images_per_s:,.0f} images/s there); an ETA follows each epoch"
+        )
     return line
 
 
@@ -124,8 +129,15 @@ def _evaluate(result: TrainResult, splits: data_module.Splits) -> evaluate.Evalu
     return evaluation
 
 
-def _export_and_commit(cfg: PipelineConfig, run_id: str, result: TrainResult, evaluation: evaluate.Evaluation,
-                       splits: data_module.Splits, say: Callable[[str], None], stop: StopSignals) -> JobResult:
+def _export_and_commit(
+    cfg: PipelineConfig,
+    run_id: str,
+    result: TrainResult,
+    evaluation: evaluate.Evaluation,
+    splits: data_module.Splits,
+    say: Callable[[str], None],
+    stop: StopSignals,
+) -> JobResult:
     """Stage -> verify -> log the export, then commit it: all of the commit, or (rolled back) none."""
     _step(say, "export")
     staging = export.export_to_staging(result.model, Path(cfg.export.base_dir))
@@ -143,18 +155,38 @@ def _export_and_commit(cfg: PipelineConfig, run_id: str, result: TrainResult, ev
     say(f"SavedModel: {export_path}")
     if stop.received:
         say(f"{stop.received} arrived during the commit, too late to undo it: version {version} is complete and the run FINISHED")
-    return JobResult(run_id, version, evaluation.accuracy, decision.promote, str(export_path),
-                     decision, result.wall_time_s, result.epochs_run, len(splits.x_train))
+    return JobResult(
+        run_id,
+        version,
+        evaluation.accuracy,
+        decision.promote,
+        str(export_path),
+        decision,
+        result.wall_time_s,
+        result.epochs_run,
+        len(splits.x_train),
+    )
 
 
-def _commit(cfg: PipelineConfig, model_uri: str, staging: Path, evaluation: evaluate.Evaluation, splits: data_module.Splits,
-            result: TrainResult, say: Callable[[str], None]) -> tuple[str, Path, GateOutcome]:
+def _commit(
+    cfg: PipelineConfig,
+    model_uri: str,
+    staging: Path,
+    evaluation: evaluate.Evaluation,
+    splits: data_module.Splits,
+    result: TrainResult,
+    say: Callable[[str], None],
+) -> tuple[str, Path, GateOutcome]:
     """Register -> publish -> gate -> finish the run. Each step that changes the store pushes its undo;
     an error anywhere runs the undos, newest first, and re-raises."""
     name = cfg.registry.model_name
     _step(say, "register")
-    version = register.register(model_uri, name, tags={TEST_ACCURACY_TAG: f"{evaluation.accuracy:.6f}", "config": cfg.name},
-                                description=f"{cfg.name}: test accuracy {evaluation.accuracy:.4f} (gate pending)").version
+    version = register.register(
+        model_uri,
+        name,
+        tags={TEST_ACCURACY_TAG: f"{evaluation.accuracy:.6f}", "config": cfg.name},
+        description=f"{cfg.name}: test accuracy {evaluation.accuracy:.4f} (gate pending)",
+    ).version
     with ExitStack() as undo:
         undo.callback(register.delete_version, name, version)
         try:
@@ -175,8 +207,9 @@ def _commit(cfg: PipelineConfig, model_uri: str, staging: Path, evaluation: eval
     return version, export_path, outcome
 
 
-def _gate(cfg: PipelineConfig, version: str, evaluation: evaluate.Evaluation, splits: data_module.Splits,
-          undo: ExitStack) -> GateOutcome:
+def _gate(
+    cfg: PipelineConfig, version: str, evaluation: evaluate.Evaluation, splits: data_module.Splits, undo: ExitStack
+) -> GateOutcome:
     """Decide under the gate lock, against the champion re-scored on this run's test data, and log why."""
     name = cfg.registry.model_name
 
@@ -185,38 +218,69 @@ def _gate(cfg: PipelineConfig, version: str, evaluation: evaluate.Evaluation, sp
         undo.callback(register.restore_champion, name, previous)
 
     outcome = gate_and_promote(
-        name, version, evaluation.accuracy, cfg.registry.accuracy_floor,
-        champion_accuracy=lambda champion: evaluate.registered_accuracy(registry_uri(name, champion), splits.x_test, splits.y_test),
-        before_promote=before_promote)
+        name,
+        version,
+        evaluation.accuracy,
+        cfg.registry.accuracy_floor,
+        champion_accuracy=lambda champion: evaluate.registered_accuracy(
+            registry_uri(name, champion), splits.x_test, splits.y_test
+        ),
+        before_promote=before_promote,
+    )
     decision = outcome.decision
-    mlflow.log_metrics({"gate_candidate_accuracy": evaluation.accuracy,
-                        **({"gate_champion_accuracy": decision.champion_accuracy} if decision.champion_accuracy is not None else {})})
-    mlflow.set_tags({"gate_decision": "promoted" if decision.promote else "not promoted", "gate_reason": decision.reason,
-                     "registered_version": version, "gate_champion_version": outcome.previous_champion or "none"})
+    mlflow.log_metrics(
+        {
+            "gate_candidate_accuracy": evaluation.accuracy,
+            **({"gate_champion_accuracy": decision.champion_accuracy} if decision.champion_accuracy is not None else {}),
+        }
+    )
+    mlflow.set_tags(
+        {
+            "gate_decision": "promoted" if decision.promote else "not promoted",
+            "gate_reason": decision.reason,
+            "registered_version": version,
+            "gate_champion_version": outcome.previous_champion or "none",
+        }
+    )
     return outcome
 
 
-def _describe_outcome(cfg: PipelineConfig, version: str, evaluation: evaluate.Evaluation, result: TrainResult,
-                      outcome: GateOutcome) -> None:
+def _describe_outcome(
+    cfg: PipelineConfig, version: str, evaluation: evaluate.Evaluation, result: TrainResult, outcome: GateOutcome
+) -> None:
     """The run's description (its note in the MLflow UI) and the registered version's: what came of it and why."""
     decision, name = outcome.decision, cfg.registry.model_name
-    verdict = f"promoted to `{CHAMPION}`" if decision.promote else f"not promoted (`{CHAMPION}` stays on version {outcome.previous_champion})"
-    mlflow.set_tag("mlflow.note.content", "\n".join([
-        f"**{cfg.name}**: test accuracy **{evaluation.accuracy:.4f}** (loss {evaluation.loss:.4f}) after "
-        f"{result.epochs_run} epochs, {duration(result.wall_time_s)} of training on {result.replicas} replica(s).",
-        "",
-        f"Registered as **{name} version {version}**; gate: **{verdict}**: {decision.reason}.",
-    ]))
+    verdict = (
+        f"promoted to `{CHAMPION}`"
+        if decision.promote
+        else f"not promoted (`{CHAMPION}` stays on version {outcome.previous_champion})"
+    )
+    mlflow.set_tag(
+        "mlflow.note.content",
+        "\n".join(
+            [
+                f"**{cfg.name}**: test accuracy **{evaluation.accuracy:.4f}** (loss {evaluation.loss:.4f}) after "
+                f"{result.epochs_run} epochs, {duration(result.wall_time_s)} of training on {result.replicas} replica(s).",
+                "",
+                f"Registered as **{name} version {version}**; gate: **{verdict}**: {decision.reason}.",
+            ]
+        ),
+    )
     run_id = mlflow.active_run().info.run_id
-    register.describe_version(name, version, f"Config {cfg.name}, run {run_id}: test accuracy {evaluation.accuracy:.4f}; "
-                                             f"gate: {verdict}: {decision.reason}.")
+    register.describe_version(
+        name,
+        version,
+        f"Config {cfg.name}, run {run_id}: test accuracy {evaluation.accuracy:.4f}; gate: {verdict}: {decision.reason}.",
+    )
 
 
 def _describe_failure(step: str, exc: BaseException) -> None:
     what = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
     reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
     try:
-        mlflow.set_tag("mlflow.note.content", f"**{what} at step {step}** ({type(exc).__name__}): {reason}. Nothing was registered.")
+        mlflow.set_tag(
+            "mlflow.note.content", f"**{what} at step {step}** ({type(exc).__name__}): {reason}. Nothing was registered."
+        )
     except Exception:  # the store itself may be what failed; the run is still marked FAILED
         pass
 

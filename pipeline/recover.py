@@ -30,11 +30,15 @@ PREVIOUS_CHAMPION_TAG = "gate_previous_champion"
 EXPORT_PATH_TAG = "export_path"
 
 
-def recover(name: str, experiment: str, export_base: Path, stale_after_s: float = 600.0,
-            say: Callable[[str], None] = print) -> list[str]:
+def recover(
+    name: str, experiment: str, export_base: Path, stale_after_s: float = 600.0, say: Callable[[str], None] = print
+) -> list[str]:
     client = MlflowClient()
-    fixes = [*_fail_dead_runs(client, experiment, stale_after_s), *_delete_unfinished_versions(client, name),
-             *_remove_dead_staging(servable_dir(export_base), stale_after_s)]
+    fixes = [
+        *_fail_dead_runs(client, experiment, stale_after_s),
+        *_delete_unfinished_versions(client, name),
+        *_remove_dead_staging(servable_dir(export_base), stale_after_s),
+    ]
     holder = gate.break_stale_lock(name)
     if holder:
         fixes.append(f"broke the gate lock of {name} left by {holder}")
@@ -50,8 +54,9 @@ def _fail_dead_runs(client: MlflowClient, experiment: str, stale_after_s: float)
     fixes = []
     for run in client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
         tags = run.data.tags
-        alive = tracking.process_alive(tags.get(tracking.HOST_TAG, ""), tags.get(tracking.PID_TAG, ""),
-                                       tags.get(tracking.STARTED_TAG, ""))
+        alive = tracking.process_alive(
+            tags.get(tracking.HOST_TAG, ""), tags.get(tracking.PID_TAG, ""), tags.get(tracking.STARTED_TAG, "")
+        )
         beat = float(tags.get(tracking.HEARTBEAT_TAG) or run.info.start_time / 1000)
         silent_s = time.time() - beat
         if alive is False:
@@ -94,8 +99,11 @@ def _delete_unfinished_versions(client: MlflowClient, name: str) -> list[str]:
             if previous is not None and not _finished_version(client, name, previous):
                 previous = None
             register.restore_champion(name, previous)
-            fixes.append(f"{CHAMPION} back to version {previous}" if previous
-                         else f"{name} has no {CHAMPION} now (there was none before version {version.version})")
+            fixes.append(
+                f"{CHAMPION} back to version {previous}"
+                if previous
+                else f"{name} has no {CHAMPION} now (there was none before version {version.version})"
+            )
     return fixes
 
 

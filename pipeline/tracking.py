@@ -36,8 +36,9 @@ def require_existing_store() -> str:
     uri = setup_uri()
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
-        raise StoreMissing(f"the tracking store {path} does not exist (MLFLOW_TRACKING_URI={uri}); "
-                           "check the path, or train first to create it")
+        raise StoreMissing(
+            f"the tracking store {path} does not exist (MLFLOW_TRACKING_URI={uri}); check the path, or train first to create it"
+        )
     return uri
 
 
@@ -100,8 +101,12 @@ HEARTBEAT_S = 30.0
 
 def liveness_tags() -> dict[str, str]:
     """Who runs this run: ``recover`` marks a RUNNING run FAILED when this process is gone."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), STARTED_TAG: f"{process_started(os.getpid()):.0f}",
-            HEARTBEAT_TAG: f"{time.time():.0f}"}
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        STARTED_TAG: f"{process_started(os.getpid()):.0f}",
+        HEARTBEAT_TAG: f"{time.time():.0f}",
+    }
 
 
 def process_started(pid: int) -> float:
@@ -144,4 +149,3 @@ class Heartbeat:
                 client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
             except (MlflowException, OSError):
                 pass  # a missed beat only makes the run look older; the next one catches up
-

@@ -43,9 +43,7 @@ def configure_devices(cfg: TrainingConfig) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(cfg.inter_op_threads)
     if cfg.logical_cpus > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(cfg.logical_cpus)]
-        )
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(cfg.logical_cpus)])
 
 
 def make_strategy(cfg: TrainingConfig) -> tf.distribute.Strategy:
@@ -92,8 +90,7 @@ class EpochProgress(keras.callbacks.Callback):
     a counter of the batches also ticks within the epoch (Keras's own progress bar is off: it printed its
     epoch line apart from this one, and none that a log file could use)."""
 
-    def __init__(self, epochs: int, steps_per_epoch: int, say: Callable[[str], None] = print,
-                 live: bool | None = None) -> None:
+    def __init__(self, epochs: int, steps_per_epoch: int, say: Callable[[str], None] = print, live: bool | None = None) -> None:
         super().__init__()
         self.epochs, self.steps, self.say = epochs, steps_per_epoch, say
         self.live = sys.stdout.isatty() if live is None else live
@@ -111,8 +108,11 @@ class EpochProgress(keras.callbacks.Callback):
         if self.live and now - self._last_tick > 0.5:
             self._last_tick = now
             loss = (logs or {}).get("loss")
-            sys.stdout.write(f"\repoch {self._epoch + 1}/{self.epochs}: batch {batch + 1}/{self.steps}"
-                             + (f", loss {loss:.4f}" if loss is not None else "") + "\x1b[K")
+            sys.stdout.write(
+                f"\repoch {self._epoch + 1}/{self.epochs}: batch {batch + 1}/{self.steps}"
+                + (f", loss {loss:.4f}" if loss is not None else "")
+                + "\x1b[K"
+            )
             sys.stdout.flush()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -122,8 +122,10 @@ class EpochProgress(keras.callbacks.Callback):
         elapsed = time.perf_counter() - self.started
         left = elapsed / done * (self.epochs - done)
         metrics = " ".join(f"{key} {float(value):.4f}" for key, value in (logs or {}).items() if key != "learning_rate")
-        self.say(f"epoch {done}/{self.epochs}: {metrics} | {elapsed / done:.1f}s per epoch, "
-                 f"{duration(elapsed)} elapsed, ETA {duration(left)}")
+        self.say(
+            f"epoch {done}/{self.epochs}: {metrics} | {elapsed / done:.1f}s per epoch, "
+            f"{duration(elapsed)} elapsed, ETA {duration(left)}"
+        )
 
 
 def duration(seconds: float) -> str:
@@ -183,11 +185,19 @@ def train(cfg: PipelineConfig, splits: Splits, say: Callable[[str], None] = prin
         compile_model(model, tcfg, steps_per_epoch)
 
     callbacks: list[keras.callbacks.Callback] = [
-        MlflowMetrics(tcfg.log_every_n_steps), EpochProgress(tcfg.epochs, steps_per_epoch, say), StopOnSignal()]
+        MlflowMetrics(tcfg.log_every_n_steps),
+        EpochProgress(tcfg.epochs, steps_per_epoch, say),
+        StopOnSignal(),
+    ]
     if tcfg.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=tcfg.early_stopping_patience, restore_best_weights=True, verbose=1,
-        ))
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss",
+                patience=tcfg.early_stopping_patience,
+                restore_best_weights=True,
+                verbose=1,
+            )
+        )
     if tcfg.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, verbose=1))
 

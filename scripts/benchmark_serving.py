@@ -40,8 +40,10 @@ from service.launcher import free_port, start_mlflow_models_serve, start_service
 
 SAMPLE_NPZ = REPO / "tests" / "fixtures" / "mnist-sample.npz"
 CONNECTIONS = 64
-LUA = 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n' \
-      'local f = io.open("{body}", "rb"); wrk.body = f:read("*a"); f:close()\n'
+LUA = (
+    'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+    'local f = io.open("{body}", "rb"); wrk.body = f:read("*a"); f:close()\n'
+)
 
 
 def generator_cpu(command: list[str], **kwargs) -> tuple[str, float]:
@@ -57,8 +59,9 @@ def generator_cpu(command: list[str], **kwargs) -> tuple[str, float]:
 def wrk(url: str, body: Path, duration: int, workdir: Path) -> dict:
     lua = workdir / f"{body.stem}.lua"
     lua.write_text(LUA.format(body=body))
-    out, cpu = generator_cpu(["wrk", "-t", "1", "-c", str(CONNECTIONS), "-d", f"{duration}s", "--timeout", "30s",
-                              "--latency", "-s", str(lua), url])
+    out, cpu = generator_cpu(
+        ["wrk", "-t", "1", "-c", str(CONNECTIONS), "-d", f"{duration}s", "--timeout", "30s", "--latency", "-s", str(lua), url]
+    )
 
     def latency_ms(label: str) -> float:
         value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M).groups()
@@ -66,13 +69,18 @@ def wrk(url: str, body: Path, duration: int, workdir: Path) -> dict:
 
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)$", out, re.M)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50_ms": latency_ms("50"), "p99_ms": latency_ms("99"),
-            "errors": (int(non_2xx.group(1)) if non_2xx else 0) + (1 if errors else 0), "generator_cpu": round(cpu, 2)}
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": latency_ms("50"),
+        "p99_ms": latency_ms("99"),
+        "errors": (int(non_2xx.group(1)) if non_2xx else 0) + (1 if errors else 0),
+        "generator_cpu": round(cpu, 2),
+    }
 
 
-def h2load(url: str, body: Path, *, headers: list[str], h1: bool, workdir: Path, duration: int | None = None,
-           rate: int | None = None) -> dict:
+def h2load(
+    url: str, body: Path, *, headers: list[str], h1: bool, workdir: Path, duration: int | None = None, rate: int | None = None
+) -> dict:
     """Closed loop (``duration``: 64 connections, one request in flight each) or open loop (``rate``
     requests/s, evenly spaced: 50 connections at rate/50 each, started 1/rate apart)."""
     log = workdir / "h2load.log"
@@ -84,8 +92,20 @@ def h2load(url: str, body: Path, *, headers: list[str], h1: bool, workdir: Path,
         clients = 50
         total = rate * (duration or 10)
         per_ms = max(1, round(rate / 1000))  # h2load's rate period has millisecond steps
-        command += ["-c", str(clients), "-m", "1", "--rps", f"{rate / clients:g}", "-n", str(total),
-                    "-r", str(per_ms), "--rate-period", f"{max(1, round(1000 * per_ms / rate))}ms"]
+        command += [
+            "-c",
+            str(clients),
+            "-m",
+            "1",
+            "--rps",
+            f"{rate / clients:g}",
+            "-n",
+            str(total),
+            "-r",
+            str(per_ms),
+            "--rate-period",
+            f"{max(1, round(1000 * per_ms / rate))}ms",
+        ]
     else:
         command += ["-c", str(CONNECTIONS), "-m", "1", "-D", f"{duration}s", "--warm-up-time", "1s"]
     out, cpu = generator_cpu(command + [url], timeout=600)
@@ -95,10 +115,14 @@ def h2load(url: str, body: Path, *, headers: list[str], h1: bool, workdir: Path,
     latency_ms = np.array([int(r[2]) for r in rows]) / 1000
     span_s = (starts.max() - starts.min()) / 1e6 if len(rows) > 1 else 1.0
     failed = int(re.search(r"(\d+) failed", out).group(1)) + int(re.search(r"(\d+) errored", out).group(1))
-    return {"rps": round(len(rows) / span_s, 1), "p50_ms": round(float(np.percentile(latency_ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(latency_ms, 99)), 2),
-            "errors": failed + int((status != 200).sum()), "generator_cpu": round(cpu, 2),
-            **({"offered_rps": rate} if rate else {})}
+    return {
+        "rps": round(len(rows) / span_s, 1),
+        "p50_ms": round(float(np.percentile(latency_ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(latency_ms, 99)), 2),
+        "errors": failed + int((status != 200).sum()),
+        "generator_cpu": round(cpu, 2),
+        **({"offered_rps": rate} if rate else {}),
+    }
 
 
 def grpc_frame(pixels: np.ndarray) -> bytes:
@@ -125,16 +149,32 @@ def grpc_answers_right(target: str, images: np.ndarray, labels: np.ndarray) -> b
 
 def show(row: dict) -> dict:
     """Print a finished row at once (a long run that fails later keeps what it measured)."""
-    print(f"| {row['server']} | {row['route']} | {row['load']} | {row['repeat']} | {row['rps']:,.0f} | {row['p50_ms']:.1f} | "
-          f"{row['p99_ms']:.1f} | {row['errors']} | {row['generator_cpu']:.2f} |", flush=True)
+    print(
+        f"| {row['server']} | {row['route']} | {row['load']} | {row['repeat']} | {row['rps']:,.0f} | {row['p50_ms']:.1f} | "
+        f"{row['p99_ms']:.1f} | {row['errors']} | {row['generator_cpu']:.2f} |",
+        flush=True,
+    )
     return row
 
 
-def bench_service(model_uri: str, design: str, workers: int, args: argparse.Namespace, bodies: dict[str, Path],
-                  sample: tuple[np.ndarray, np.ndarray], workdir: Path) -> list[dict]:
+def bench_service(
+    model_uri: str,
+    design: str,
+    workers: int,
+    args: argparse.Namespace,
+    bodies: dict[str, Path],
+    sample: tuple[np.ndarray, np.ndarray],
+    workdir: Path,
+) -> list[dict]:
     grpc_port = free_port()
-    env = {"MODEL_URI": model_uri, "BATCHER": design, "SERVICE_WORKERS": str(workers), "MODEL_POLL_SECONDS": "0",
-           "GRPC_PORT": str(grpc_port), "GRPC_HOST": "127.0.0.1"}
+    env = {
+        "MODEL_URI": model_uri,
+        "BATCHER": design,
+        "SERVICE_WORKERS": str(workers),
+        "MODEL_POLL_SECONDS": "0",
+        "GRPC_PORT": str(grpc_port),
+        "GRPC_HOST": "127.0.0.1",
+    }
     if args.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = args.tracking_uri
     service = start_service(env, workdir / f"service-{design}-{workers}.log")
@@ -144,36 +184,92 @@ def bench_service(model_uri: str, design: str, workers: int, args: argparse.Name
             raise SystemExit(f"service did not start:\n{service.log()[-2000:]}")
         label = f"{design} batcher, {workers} worker{'s' if workers > 1 else ''}"
         for repeat in range(args.repeats):
-            rows.append(show({"server": label, "route": "/predict", "load": "64 conns", "repeat": repeat + 1,
-                              **wrk(f"{service.url}/predict", bodies["json"], args.duration, workdir)}))
-        rows.append(show({"server": label, "route": "TF REST :predict", "load": "64 conns", "repeat": 1,
-                          **wrk(f"{service.url}/v1/models/mnist:predict", bodies["tf"], args.duration, workdir)}))
+            rows.append(
+                show(
+                    {
+                        "server": label,
+                        "route": "/predict",
+                        "load": "64 conns",
+                        "repeat": repeat + 1,
+                        **wrk(f"{service.url}/predict", bodies["json"], args.duration, workdir),
+                    }
+                )
+            )
+        rows.append(
+            show(
+                {
+                    "server": label,
+                    "route": "TF REST :predict",
+                    "load": "64 conns",
+                    "repeat": 1,
+                    **wrk(f"{service.url}/v1/models/mnist:predict", bodies["tf"], args.duration, workdir),
+                }
+            )
+        )
         target = f"127.0.0.1:{grpc_port}"
         right_before = grpc_answers_right(target, *sample)
         grpc_headers = ["content-type: application/grpc", "te: trailers"]
-        grpc = h2load(f"http://{target}/tensorflow.serving.PredictionService/Predict", bodies["grpc"],
-                      headers=grpc_headers, h1=False, workdir=workdir, duration=args.duration)
+        grpc = h2load(
+            f"http://{target}/tensorflow.serving.PredictionService/Predict",
+            bodies["grpc"],
+            headers=grpc_headers,
+            h1=False,
+            workdir=workdir,
+            duration=args.duration,
+        )
         right_after = grpc_answers_right(target, *sample)
-        rows.append(show({"server": label, "route": "gRPC Predict", "load": "64 conns", "repeat": 1, **grpc,
-                          "checked_right": right_before and right_after}))
+        rows.append(
+            show(
+                {
+                    "server": label,
+                    "route": "gRPC Predict",
+                    "load": "64 conns",
+                    "repeat": 1,
+                    **grpc,
+                    "checked_right": right_before and right_after,
+                }
+            )
+        )
         if design == "runtime":
             for rate in args.open_loop:
-                rows.append(show({"server": label, "route": "/predict", "load": f"open loop {rate}/s", "repeat": 1,
-                                  **h2load(f"{service.url}/predict", bodies["json"], headers=["content-type: application/json"],
-                                           h1=True, workdir=workdir, duration=args.duration, rate=rate)}))
+                rows.append(
+                    show(
+                        {
+                            "server": label,
+                            "route": "/predict",
+                            "load": f"open loop {rate}/s",
+                            "repeat": 1,
+                            **h2load(
+                                f"{service.url}/predict",
+                                bodies["json"],
+                                headers=["content-type: application/json"],
+                                h1=True,
+                                workdir=workdir,
+                                duration=args.duration,
+                                rate=rate,
+                            ),
+                        }
+                    )
+                )
     finally:
         stop_service(service)
     return rows
 
 
 def bench_mlflow(model_uri: str, args: argparse.Namespace, body: Path, workdir: Path) -> dict:
-    server = start_mlflow_models_serve(model_uri, workdir / "mlflow-serve.log",
-                                       {"MLFLOW_TRACKING_URI": args.tracking_uri} if args.tracking_uri else None)
+    server = start_mlflow_models_serve(
+        model_uri, workdir / "mlflow-serve.log", {"MLFLOW_TRACKING_URI": args.tracking_uri} if args.tracking_uri else None
+    )
     try:
         if server.process.poll() is not None:
             raise RuntimeError(f"mlflow models serve did not start:\n{server.log()[-2000:]}")
-        return {"server": "mlflow models serve", "route": "/invocations", "load": "64 conns", "repeat": 1,
-                **wrk(f"{server.url}/invocations", body, args.duration, workdir)}
+        return {
+            "server": "mlflow models serve",
+            "route": "/invocations",
+            "load": "64 conns",
+            "repeat": 1,
+            **wrk(f"{server.url}/invocations", body, args.duration, workdir),
+        }
     finally:
         stop_process(server)
 
@@ -196,8 +292,12 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        bodies = {"json": workdir / "one.json", "tf": workdir / "tf.json", "grpc": workdir / "one.grpc",
-                  "mlflow": workdir / "mlflow.json"}
+        bodies = {
+            "json": workdir / "one.json",
+            "tf": workdir / "tf.json",
+            "grpc": workdir / "one.grpc",
+            "mlflow": workdir / "mlflow.json",
+        }
         bodies["json"].write_text(json.dumps(images[0].tolist(), separators=(",", ":")))
         bodies["tf"].write_text(json.dumps({"instances": [images[0].tolist()]}, separators=(",", ":")))
         bodies["grpc"].write_bytes(grpc_frame(images[:1]))
@@ -215,14 +315,18 @@ def main() -> None:
     print("| server | route | load | run | req/s | p50 ms | p99 ms | errors | generator CPU (cores) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['server']} | {r['route']} | {r['load']} | {r['repeat']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
-              f"{r['p99_ms']:.1f} | {r['errors']} | {r['generator_cpu']:.2f} |")
+        print(
+            f"| {r['server']} | {r['route']} | {r['load']} | {r['repeat']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['errors']} | {r['generator_cpu']:.2f} |"
+        )
     for server in sorted({r["server"] for r in rows if r["repeat"] > 1 or r["route"] == "/predict"}):
         runs = [r["rps"] for r in rows if r["server"] == server and r["route"] == "/predict" and r["load"] == "64 conns"]
         if len(runs) > 1:
             mean = float(np.mean(runs))
-            print(f"\n{server}: /predict over {len(runs)} runs {min(runs):,.0f}-{max(runs):,.0f} req/s, "
-                  f"spread ±{100 * (max(runs) - min(runs)) / 2 / mean:.1f} % of the mean")
+            print(
+                f"\n{server}: /predict over {len(runs)} runs {min(runs):,.0f}-{max(runs):,.0f} req/s, "
+                f"spread ±{100 * (max(runs) - min(runs)) / 2 / mean:.1f} % of the mean"
+            )
     mlflow_rows = [r for r in rows if r["server"] == "mlflow models serve"]
     if mlflow_rows:
         best = max(r["rps"] for r in rows if r["route"] == "/predict" and r["load"] == "64 conns")

@@ -46,14 +46,23 @@ def main() -> int:
         min_acc, max_s = TARGETS.get(name, (0.0, float("inf")))
         passed = result.test_accuracy >= min_acc and result.train_wall_time_s <= max_s
         ok &= passed
-        rows.append({"config": name, "dev_accuracy": round(result.test_accuracy, 4),
-                     "train_wall_time_s": round(result.train_wall_time_s, 1), "epochs": result.epochs_run,
-                     "train_images_per_s": round(images_per_s), "target": f">= {min_acc:.3f} in <= {max_s:.0f}s",
-                     "met": passed})
+        rows.append(
+            {
+                "config": name,
+                "dev_accuracy": round(result.test_accuracy, 4),
+                "train_wall_time_s": round(result.train_wall_time_s, 1),
+                "epochs": result.epochs_run,
+                "train_images_per_s": round(images_per_s),
+                "target": f">= {min_acc:.3f} in <= {max_s:.0f}s",
+                "met": passed,
+            }
+        )
     print(f"\n{'config':<10} {'dev acc':>8} {'train s':>8} {'epochs':>6} {'img/s':>7}  target")
     for row in rows:
-        print(f"{row['config']:<10} {row['dev_accuracy']:>8.4f} {row['train_wall_time_s']:>8.1f} {row['epochs']:>6} "
-              f"{row['train_images_per_s']:>7}  {row['target']} {'MET' if row['met'] else 'MISSED'}")
+        print(
+            f"{row['config']:<10} {row['dev_accuracy']:>8.4f} {row['train_wall_time_s']:>8.1f} {row['epochs']:>6} "
+            f"{row['train_images_per_s']:>7}  {row['target']} {'MET' if row['met'] else 'MISSED'}"
+        )
     print(json.dumps(rows))
     return 0 if ok else 1
 

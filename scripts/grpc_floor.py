@@ -56,11 +56,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             body = Path(tmp) / "one.grpc"
             body.write_bytes(grpc_frame(np.zeros((1, 28, 28), np.uint8)))
-            row = h2load(f"http://127.0.0.1:{port}/tensorflow.serving.PredictionService/Predict", body,
-                         headers=["content-type: application/grpc", "te: trailers"], h1=False, workdir=Path(tmp),
-                         duration=args.duration)
-        print(f"constant-answer grpc.aio server, 1 process, 64 connections: {row['rps']:,.0f} req/s, "
-              f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, h2load CPU {row['generator_cpu']:.2f} cores")
+            row = h2load(
+                f"http://127.0.0.1:{port}/tensorflow.serving.PredictionService/Predict",
+                body,
+                headers=["content-type: application/grpc", "te: trailers"],
+                h1=False,
+                workdir=Path(tmp),
+                duration=args.duration,
+            )
+        print(
+            f"constant-answer grpc.aio server, 1 process, 64 connections: {row['rps']:,.0f} req/s, "
+            f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, h2load CPU {row['generator_cpu']:.2f} cores"
+        )
     finally:
         server.terminate()
         server.join(timeout=10)

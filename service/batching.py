@@ -39,8 +39,15 @@ class _Waiting:
 
 
 class Batcher:
-    def __init__(self, predict: Callable[[np.ndarray], Prediction], *, max_batch_images: int,
-                 max_wait_s: float, max_queue_images: int, observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], Prediction],
+        *,
+        max_batch_images: int,
+        max_wait_s: float,
+        max_queue_images: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self._predict = predict
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_s
@@ -55,8 +62,9 @@ class Batcher:
         """Predictions for ``pixels`` (uint8 ``[N, 28, 28]``), computed in a model call that may hold
         other requests' images too; all from one model version."""
         if self._queued_images + len(pixels) > self.max_queue_images:
-            raise Overloaded(f"the batch queue holds {self._queued_images} images, its limit is "
-                             f"{self.max_queue_images}; retry with backoff")
+            raise Overloaded(
+                f"the batch queue holds {self._queued_images} images, its limit is {self.max_queue_images}; retry with backoff"
+            )
         loop = asyncio.get_running_loop()
         waiting = _Waiting(pixels, route, loop.create_future(), time.perf_counter())
         self._queue.append(waiting)
@@ -106,9 +114,12 @@ class Batcher:
                 continue
             waited = now - waiting.since
             if waited > self.max_wait_s:
-                waiting.future.set_exception(Overloaded(
-                    f"the request queued {waited * 1000:.0f} ms, over the {self.max_wait_s * 1000:.0f} ms "
-                    "budget (BATCH_MAX_LATENCY_MS); retry with backoff"))
+                waiting.future.set_exception(
+                    Overloaded(
+                        f"the request queued {waited * 1000:.0f} ms, over the {self.max_wait_s * 1000:.0f} ms "
+                        "budget (BATCH_MAX_LATENCY_MS); retry with backoff"
+                    )
+                )
                 continue
             if self._observer:
                 self._observer.queued(waiting.route, waited)

@@ -34,9 +34,13 @@ def predict_api(max_images: int, max_batch_size: int, max_latency_ms: int) -> An
     pixel_batch = Annotated[
         Any,
         PlainValidator(lambda value: pixels_from_json(value, max_images, "request body")),
-        WithJsonSchema({"description": "One image (28 rows of 28 integers 0-255), a list of such images, "
-                                       "or {\"b64\": base64 of N*784 raw uint8 pixels}",
-                        "example": [[0] * 28] * 28}),
+        WithJsonSchema(
+            {
+                "description": "One image (28 rows of 28 integers 0-255), a list of such images, "
+                'or {"b64": base64 of N*784 raw uint8 pixels}',
+                "example": [[0] * 28] * 28,
+            }
+        ),
     ]
 
     def signature(images: pixel_batch, /) -> list[dict[str, Any]]:  # type: ignore[valid-type]
@@ -62,8 +66,13 @@ def predict_api(max_images: int, max_batch_size: int, max_latency_ms: int) -> An
             return orjson.dumps(self.root).decode()
 
     logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsWithoutTracebacks())
-    return bentoml.api(input_spec=PredictInput, output_spec=PredictOutput, batchable=True,
-                       max_batch_size=max_batch_size, max_latency_ms=max_latency_ms)(predict)
+    return bentoml.api(
+        input_spec=PredictInput,
+        output_spec=PredictOutput,
+        batchable=True,
+        max_batch_size=max_batch_size,
+        max_latency_ms=max_latency_ms,
+    )(predict)
 
 
 class ClientErrorsWithoutTracebacks(logging.Filter):
@@ -158,8 +167,12 @@ def _lift_validation_errors(send: Send) -> Send:
             return await send(message)
         body = message.get("body", b"")
         if status == 503:
-            body = orjson.dumps({"error": "process is overloaded: the batching dispatcher could not serve this "
-                                          "request within BATCH_MAX_LATENCY_MS; retry with backoff"})
+            body = orjson.dumps(
+                {
+                    "error": "process is overloaded: the batching dispatcher could not serve this "
+                    "request within BATCH_MAX_LATENCY_MS; retry with backoff"
+                }
+            )
         try:
             payload = orjson.loads(body)
             detail = payload.get("detail") or []
@@ -177,6 +190,11 @@ def _lift_validation_errors(send: Send) -> Send:
 
 async def _reject(send: Send, status: int, message: str) -> None:
     body = error_body(message)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -84,8 +84,10 @@ class GrpcClient:
         response = self._call(self.predictions.GetModelMetadata, request)
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
-        return {"model_spec": MessageToDict(response.model_spec),
-                "signature_def": MessageToDict(signatures, preserving_proto_field_name=True)}
+        return {
+            "model_spec": MessageToDict(response.model_spec),
+            "signature_def": MessageToDict(signatures, preserving_proto_field_name=True),
+        }
 
     def status(self) -> dict[str, Any]:
         from google.protobuf.json_format import MessageToDict

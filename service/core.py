@@ -14,11 +14,23 @@ from service.runtime import LoadedModel, ModelRuntime, Prediction
 
 
 class ServingCore:
-    def __init__(self, runtime: ModelRuntime, *, max_batch_images: int, max_wait_s: float, max_queue_images: int,
-                 observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        *,
+        max_batch_images: int,
+        max_wait_s: float,
+        max_queue_images: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self.runtime = runtime
-        self.batcher = Batcher(runtime.predict, max_batch_images=max_batch_images, max_wait_s=max_wait_s,
-                               max_queue_images=max_queue_images, observer=observer)
+        self.batcher = Batcher(
+            runtime.predict,
+            max_batch_images=max_batch_images,
+            max_wait_s=max_wait_s,
+            max_queue_images=max_queue_images,
+            observer=observer,
+        )
 
     def model(self, version: str | None = None) -> LoadedModel:
         """The model being served; raises :class:`Unavailable` before one is loaded and

@@ -31,9 +31,12 @@ PROBES = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # never queue
 BENTOML_ROUTES = {"/": {"GET"}, "/docs.json": {"GET"}, **{path: {"GET"} for path in PROBES}}
 BENTOML_STATIC = Path(bentoml.__file__).parent / "_internal" / "server" / "static_content"
 METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
-DRAW_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+DRAW_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 NOSNIFF = (b"x-content-type-options", b"nosniff")
+
 
 @dataclass(frozen=True)
 class EdgeLimits:
@@ -99,8 +102,9 @@ class Edge:
             return await _answer(send_with_headers, 404, f"no such endpoint: {method} {path}")
         if method not in matched[1] and not (method == "HEAD" and "GET" in matched[1]):
             allow = ", ".join(sorted(matched[1]))
-            return await _answer(send_with_headers, 405, f"{method} is not allowed on {path}; use {allow}",
-                                 [(b"allow", allow.encode())])
+            return await _answer(
+                send_with_headers, 405, f"{method} is not allowed on {path}; use {allow}", [(b"allow", allow.encode())]
+            )
         if path in PROBES:
             return await self.app(scope, receive, send_with_headers)
         if method in METHODS_WITH_BODY:
@@ -109,8 +113,12 @@ class Edge:
                 return await _answer(send_with_headers, *outcome, [(b"connection", b"close")])
             receive = _replay(outcome, receive)
         if self._slots.locked():
-            return await _answer(send_with_headers, 429, f"too many requests in flight (at most "
-                                 f"{self.limits.max_concurrency}); retry with backoff", [(b"retry-after", b"1")])
+            return await _answer(
+                send_with_headers,
+                429,
+                f"too many requests in flight (at most {self.limits.max_concurrency}); retry with backoff",
+                [(b"retry-after", b"1")],
+            )
         async with self._slots:
             await self.app(scope, receive, send_with_headers)
 
@@ -150,9 +158,13 @@ def _replay(body: bytes, receive: Callable) -> Callable:
 
 async def _answer(send: Callable, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = error_body(message)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -185,6 +197,7 @@ def label_metrics_by_route(routes: Callable[[], RouteTable]) -> None:
 
 
 # -- headers in bounded time ----------------------------------------------------------------------
+
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus a deadline for each request's headers.
@@ -229,9 +242,11 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return
         payload = error_body(f"the request headers did not arrive within {self.header_timeout_s:g} s")
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                             b"x-content-type-options: nosniff\r\nconnection: close\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(payload), payload))
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"x-content-type-options: nosniff\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(payload), payload)
+        )
         self.transport.close()
 
 

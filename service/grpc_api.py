@@ -52,7 +52,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.core = core
         self.max_images = max_images
 
-    async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
+    async def Predict(
+        self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> predict_pb2.PredictResponse:
         async def work() -> predict_pb2.PredictResponse:
             version = tfserving.requested_version(request.model_spec, self.core.model().info)
             self.core.model(version)
@@ -62,8 +64,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         return await _answer(context, "Predict", work)
 
-    async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
-                               context: grpc.aio.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    async def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         async def work() -> get_model_metadata_pb2.GetModelMetadataResponse:
             served = self.core.model(tfserving.requested_version(request.model_spec, self.core.model().info))
             return tfserving.metadata_response(request, served.info.version, served.signature_def)
@@ -75,8 +78,9 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, core: ServingCore) -> None:
         self.core = core
 
-    async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
-                             context: grpc.aio.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
+    async def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext
+    ) -> get_model_status_pb2.GetModelStatusResponse:
         async def work() -> get_model_status_pb2.GetModelStatusResponse:
             served = self.core.model(tfserving.requested_version(request.model_spec, self.core.model().info))
             return tfserving.status_response(served.info.version)
@@ -91,16 +95,19 @@ class GrpcFront:
         self.core = core
         self.port = port
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ])
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ]
+        )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core, max_images), self.server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (PREDICTION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (PREDICTION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
 
     async def start(self, host: str = "[::]") -> None:
         bound = self.server.add_insecure_port(f"{host}:{self.port}")

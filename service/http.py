@@ -40,11 +40,15 @@ from service.runtime import ModelLoadError, Prediction, RegistryUnavailable
 logger = logging.getLogger("digits.http")
 STATIC = Path(__file__).parent / "static"
 DRAW_PAGE = (STATIC / "draw.html").read_text()
-DRAW_ASSETS = {"draw.css": ((STATIC / "draw.css").read_bytes(), "text/css; charset=utf-8"),
-               "draw.js": ((STATIC / "draw.js").read_bytes(), "text/javascript; charset=utf-8")}
+DRAW_ASSETS = {
+    "draw.css": ((STATIC / "draw.css").read_bytes(), "text/css; charset=utf-8"),
+    "draw.js": ((STATIC / "draw.js").read_bytes(), "text/javascript; charset=utf-8"),
+}
 
-app = FastAPI(title="Digits: handwritten digit predictions",
-              description="HTTP JSON, image upload, TensorFlow Serving REST; gRPC on GRPC_PORT (see README)")
+app = FastAPI(
+    title="Digits: handwritten digit predictions",
+    description="HTTP JSON, image upload, TensorFlow Serving REST; gRPC on GRPC_PORT (see README)",
+)
 
 
 def _core(request: Request) -> ServingCore:
@@ -79,8 +83,13 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 async def _body(request: Request, json: bool = True) -> bytes:
     """The request body, refused early when it is over MAX_BODY_BYTES or (for JSON routes) not JSON."""
-    return await _read_body(request.headers.get("content-type", ""), request.headers.get("content-length"),
-                            request.stream(), _settings(request).max_body_bytes, json)
+    return await _read_body(
+        request.headers.get("content-type", ""),
+        request.headers.get("content-length"),
+        request.stream(),
+        _settings(request).max_body_bytes,
+        json,
+    )
 
 
 async def _read_body(content_type: str, length: str | None, chunks: AsyncIterator[bytes], limit: int, json: bool) -> bytes:
@@ -112,8 +121,10 @@ def _json(content: Any, prediction: Prediction | None = None) -> Response:
 
 def answers(prediction: Prediction) -> list[dict[str, Any]]:
     version = prediction.model.version
-    return [{"digit": digit, "probabilities": probabilities, "model_version": version}
-            for digit, probabilities in zip(prediction.digits.tolist(), prediction.probabilities.tolist(), strict=True)]
+    return [
+        {"digit": digit, "probabilities": probabilities, "model_version": version}
+        for digit, probabilities in zip(prediction.digits.tolist(), prediction.probabilities.tolist(), strict=True)
+    ]
 
 
 async def predict_json(body: bytes, core: ServingCore, max_images: int) -> tuple[Any, Prediction]:
@@ -155,8 +166,10 @@ async def predict_image(request: Request) -> Response:
     elif content_type.startswith(("image/", "application/octet-stream")):
         data = await _body(request, json=False)
     else:
-        raise UnsupportedMediaType(f"unsupported content type {content_type or '(none)'}; upload "
-                                   "multipart/form-data with an 'image' file, or send image/* bytes")
+        raise UnsupportedMediaType(
+            f"unsupported content type {content_type or '(none)'}; upload "
+            "multipart/form-data with an 'image' file, or send image/* bytes"
+        )
     settings = _settings(request)
     async with request.app.state.image_decodes:  # bounds the memory a burst of big pictures can take
         pixels = await asyncio.to_thread(pixels_from_image_bytes, data, settings.max_image_pixels)
@@ -240,11 +253,17 @@ def reload(request: Request) -> Response:
         return error_response(503, f"reload failed, still serving the previous model: {exc}")
     except ModelLoadError as exc:
         return error_response(409, f"reload failed, still serving the previous model: {exc}")
-    return _json({"previous_version": old.version if old else None, "version": new.version,
-                  "changed": old is None or old.version != new.version})
+    return _json(
+        {
+            "previous_version": old.version if old else None,
+            "version": new.version,
+            "changed": old is None or old.version != new.version,
+        }
+    )
 
 
 # TensorFlow Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest)
+
 
 def _model_route(model_path: str, method: str, verbs: tuple[str | None, ...]) -> tfserving.ModelRoute:
     route = tfserving.parse_model_path(model_path)
@@ -301,9 +320,13 @@ class HotRoutes:
         settings, core = app.state.settings, app.state.core
         headers = dict(scope["headers"])
         try:
-            body = await _read_body(headers.get(b"content-type", b"").decode("latin-1"),
-                                    _latin1(headers.get(b"content-length")), _chunks(receive),
-                                    settings.max_body_bytes, json=True)
+            body = await _read_body(
+                headers.get(b"content-type", b"").decode("latin-1"),
+                _latin1(headers.get(b"content-length")),
+                _chunks(receive),
+                settings.max_body_bytes,
+                json=True,
+            )
             content, prediction = await handler(body, core, settings.max_images_per_request)
             status, payload = 200, orjson.dumps(content)
             extra = [(b"x-model-version", prediction.model.version.encode())]
@@ -315,8 +338,13 @@ class HotRoutes:
         except Exception:
             logger.exception("%s [POST] failed", scope["path"])
             status, payload, extra = 500, error_body("internal error; see the service log"), []
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [_JSON_HEADER, (b"content-length", str(len(payload)).encode()), *extra]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [_JSON_HEADER, (b"content-length", str(len(payload)).encode()), *extra],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
 
 

@@ -115,7 +115,7 @@ def pixels_from_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIX
 
     rows = np.flatnonzero((ink > 64).any(axis=1))
     cols = np.flatnonzero((ink > 64).any(axis=0))
-    crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height, width = crop.shape
     scale = 20.0 / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -132,7 +132,7 @@ def pixels_from_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIX
     com_y, com_x = (ys * digit).sum() / total, (xs * digit).sum() / total
     top = int(np.clip(round(14 - com_y), 0, 28 - digit.shape[0]))
     left = int(np.clip(round(14 - com_x), 0, 28 - digit.shape[1]))
-    canvas[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
+    canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
 
@@ -150,8 +150,10 @@ def _decoded(data: bytes, max_pixels: int) -> Image.Image:
         raise InputError(f"cannot decode the uploaded image ({type(exc).__name__}); send a PNG, JPEG, GIF, BMP or WebP") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageTooLarge(f"the uploaded image is {width}x{height} = {width * height:,} pixels; "
-                            f"at most {max_pixels:,} are accepted (MAX_IMAGE_PIXELS)")
+        raise ImageTooLarge(
+            f"the uploaded image is {width}x{height} = {width * height:,} pixels; "
+            f"at most {max_pixels:,} are accepted (MAX_IMAGE_PIXELS)"
+        )
     if width < 1 or height < 1:
         raise InputError(f"the uploaded image is {width}x{height} pixels; it has no pixels")
     try:

@@ -49,14 +49,23 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PATH": path, **(extra or {})}
 
 
-def start_process(command: list[str], url: str, ready_path: str, log_path: Path, env: dict[str, str] | None = None,
-                  cwd: Path = REPO_ROOT, timeout: float = 180, grpc_target: str | None = None) -> RunningProcess:
+def start_process(
+    command: list[str],
+    url: str,
+    ready_path: str,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO_ROOT,
+    timeout: float = 180,
+    grpc_target: str | None = None,
+) -> RunningProcess:
     """Start a server in its own session and return once ``url + ready_path`` answers 200, or once the
     process has exited (the caller looks at ``process.returncode`` and the log); stop it after ``timeout``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=cwd, env=child_env(env), stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=cwd, env=child_env(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     running = RunningProcess(url, process, log_path, grpc_target)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -94,28 +103,90 @@ def start_service(env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, ti
     ``BENTOML_HOME``: BentoML keeps its Prometheus files there and wipes them when a server starts, so
     two servers sharing one would lose each other's metrics."""
     port = free_port()
-    env = {"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(free_port()),
-           "BENTOML_HOME": str(log_path.parent / f"bentoml-home-{port}"), **env}
+    env = {
+        "GRPC_HOST": "127.0.0.1",
+        "GRPC_PORT": str(free_port()),
+        "BENTOML_HOME": str(log_path.parent / f"bentoml-home-{port}"),
+        **env,
+    }
     grpc_port = int(env["GRPC_PORT"])
     return start_process(
-        [sys.executable, "-m", "bentoml", "serve", "service:Digits", "--host", "127.0.0.1", "--port", str(port),
-         "--working-dir", str(REPO_ROOT)],
-        f"http://127.0.0.1:{port}", "/readyz", log_path, env, cwd, timeout, f"127.0.0.1:{grpc_port}" if grpc_port else None)
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service:Digits",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--working-dir",
+            str(REPO_ROOT),
+        ],
+        f"http://127.0.0.1:{port}",
+        "/readyz",
+        log_path,
+        env,
+        cwd,
+        timeout,
+        f"127.0.0.1:{grpc_port}" if grpc_port else None,
+    )
 
 
-def start_mlflow_models_serve(model_uri: str, log_path: Path, env: dict[str, str] | None = None,
-                              cwd: Path = REPO_ROOT, timeout: float = 180) -> RunningProcess:
+def start_mlflow_models_serve(
+    model_uri: str, log_path: Path, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT, timeout: float = 180
+) -> RunningProcess:
     """MLflow's own scoring server (``mlflow models serve``) for ``model_uri``, ready when ``/ping`` answers."""
     port = free_port()
-    return start_process([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-                          "--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}", "/ping", log_path,
-                         env, cwd, timeout)
+    return start_process(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        f"http://127.0.0.1:{port}",
+        "/ping",
+        log_path,
+        env,
+        cwd,
+        timeout,
+    )
 
 
-def start_mlflow_server(backend_store_uri: str, log_path: Path, env: dict[str, str] | None = None,
-                        timeout: float = 120) -> RunningProcess:
+def start_mlflow_server(
+    backend_store_uri: str, log_path: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> RunningProcess:
     """An MLflow tracking server on a free loopback port, ready when ``/health`` answers."""
     port = free_port()
-    return start_process([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
-                          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                         f"http://127.0.0.1:{port}", "/health", log_path, env, timeout=timeout)
+    return start_process(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend_store_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        f"http://127.0.0.1:{port}",
+        "/health",
+        log_path,
+        env,
+        timeout=timeout,
+    )

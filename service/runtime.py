@@ -149,8 +149,11 @@ class ModelRuntime:
             try:
                 self.reload()
             except Exception as exc:  # keep serving the loaded model; say why the new one was not taken
-                logger.warning("model poll failed, still serving version %s: %s",
-                               self._current.info.version if self._current else "none", exc)
+                logger.warning(
+                    "model poll failed, still serving version %s: %s",
+                    self._current.info.version if self._current else "none",
+                    exc,
+                )
 
     # -- resolving and loading -------------------------------------------------------------------
 
@@ -167,23 +170,31 @@ class ModelRuntime:
 
         store = sqlite_path(self.tracking_uri)
         if store is not None and not store.is_file():
-            raise ModelLoadError(f"the tracking store {self.tracking_uri} does not exist (MLFLOW_TRACKING_URI); "
-                                 "train a model first (make train) or fix the path")
+            raise ModelLoadError(
+                f"the tracking store {self.tracking_uri} does not exist (MLFLOW_TRACKING_URI); "
+                "train a model first (make train) or fix the path"
+            )
         name, alias, number = parse_registry_uri(uri)
         client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         try:
             version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
         except MlflowException as exc:
             if "failed with exception" in exc.message or exc.get_http_status_code() >= 500:  # no answer, or a broken server
-                raise RegistryUnavailable(f"cannot reach the MLflow tracking store {self.tracking_uri}: "
-                                          f"{_first_line(exc.message)}") from None
+                raise RegistryUnavailable(
+                    f"cannot reach the MLflow tracking store {self.tracking_uri}: {_first_line(exc.message)}"
+                ) from None
             raise ModelLoadError(f"cannot resolve {uri} on {self.tracking_uri}: {exc.message}") from None
         except Exception as exc:
             raise RegistryUnavailable(f"cannot reach the MLflow tracking store {self.tracking_uri}: {_first_line(exc)}") from None
         accuracy = version.tags.get(TEST_ACCURACY_TAG)
-        return ModelSource(name=name, version=str(version.version), alias=alias, run_id=version.run_id,
-                           test_accuracy=float(accuracy) if accuracy else None,
-                           location=f"models:/{name}/{version.version}/{SAVED_MODEL_ARTIFACT}")
+        return ModelSource(
+            name=name,
+            version=str(version.version),
+            alias=alias,
+            run_id=version.run_id,
+            test_accuracy=float(accuracy) if accuracy else None,
+            location=f"models:/{name}/{version.version}/{SAVED_MODEL_ARTIFACT}",
+        )
 
     def _load(self, source: ModelSource) -> LoadedModel:
         import tensorflow as tf
@@ -197,8 +208,9 @@ class ModelRuntime:
                 self._workdir = Path(tempfile.mkdtemp(prefix="digits-models-"))
             dst = self._workdir / f"v{source.version}-{time.monotonic_ns()}"
             try:
-                path = mlflow.artifacts.download_artifacts(source.location, dst_path=str(dst),
-                                                           tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+                path = mlflow.artifacts.download_artifacts(
+                    source.location, dst_path=str(dst), tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
+                )
             except Exception as exc:
                 shutil.rmtree(dst, ignore_errors=True)
                 raise RegistryUnavailable(f"cannot download {source.location}: {_first_line(exc)}") from None
@@ -207,17 +219,29 @@ class ModelRuntime:
             serve = saved.signatures[SIGNATURE.name]
             signature_def = _signature_def(path)
         except Exception as exc:
-            raise ModelLoadError(f"{source.key} is not a SavedModel with a {SIGNATURE.name} signature: {_first_line(exc)}") from None
+            raise ModelLoadError(
+                f"{source.key} is not a SavedModel with a {SIGNATURE.name} signature: {_first_line(exc)}"
+            ) from None
         finally:
             if not source.is_local:
                 # TensorFlow has read the variables into memory: the downloaded copy is not needed
                 # again, and keeping one per reload would fill the temp dir until shutdown.
                 shutil.rmtree(dst, ignore_errors=True)
         loaded = LoadedModel(
-            ModelInfo(name=source.name, version=source.version, alias=source.alias, run_id=source.run_id,
-                      test_accuracy=source.test_accuracy, source=source.location, path=str(path),
-                      loaded_at=datetime.now(UTC).isoformat(timespec="seconds")),
-            serve, signature_def, source.key, saved,
+            ModelInfo(
+                name=source.name,
+                version=source.version,
+                alias=source.alias,
+                run_id=source.run_id,
+                test_accuracy=source.test_accuracy,
+                source=source.location,
+                path=str(path),
+                loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            ),
+            serve,
+            signature_def,
+            source.key,
+            saved,
         )
         loaded.predict(np.zeros((1, *IMAGE_SHAPE), np.uint8))  # warm up before taking traffic
         return loaded

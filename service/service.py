@@ -32,8 +32,9 @@ logger = logging.getLogger("digits")
 @bentoml.service(name="digits", **SETTINGS.bentoml_config())
 class Digits:
     def __init__(self) -> None:
-        runtime = ModelRuntime(SETTINGS.model_uri, SETTINGS.tracking_uri, SETTINGS.reload_poll_seconds,
-                               SETTINGS.registry_timeout_s)
+        runtime = ModelRuntime(
+            SETTINGS.model_uri, SETTINGS.tracking_uri, SETTINGS.reload_poll_seconds, SETTINGS.registry_timeout_s
+        )
         try:
             info = runtime.start()
         except ModelLoadError as exc:
@@ -43,8 +44,11 @@ class Digits:
         self.core = ServingCore(runtime, observer=PrometheusBatchObserver(), **SETTINGS.batcher_limits())
         http.app.state.core, http.app.state.settings = self.core, SETTINGS
         http.app.state.image_decodes = asyncio.Semaphore(SETTINGS.image_decode_concurrency)
-        self.grpc = GrpcFront(self.core, SETTINGS.grpc_port, SETTINGS.max_images_per_request,
-                              SETTINGS.grpc_max_message_bytes) if SETTINGS.grpc_port else None
+        self.grpc = (
+            GrpcFront(self.core, SETTINGS.grpc_port, SETTINGS.max_images_per_request, SETTINGS.grpc_max_message_bytes)
+            if SETTINGS.grpc_port
+            else None
+        )
         # TensorFlow, MLflow and BentoML leave ~0.5 M long-lived objects; a full collection walks them
         # all (~200 ms, measured), a stall every few seconds under load. Freezing them keeps the
         # collector to what requests allocate.
@@ -55,7 +59,9 @@ class Digits:
     def check_model_source() -> None:
         """Runs once in the main process before any worker: no model, no server (one clear line)."""
         try:
-            found = ModelRuntime(SETTINGS.model_uri, SETTINGS.tracking_uri, registry_timeout_s=SETTINGS.registry_timeout_s).check()
+            found = ModelRuntime(
+                SETTINGS.model_uri, SETTINGS.tracking_uri, registry_timeout_s=SETTINGS.registry_timeout_s
+            ).check()
         except ModelLoadError as exc:
             print(f"digits: cannot start, no model to serve: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(3) from None
@@ -82,9 +88,11 @@ class Digits:
 
 edge.install_header_timeout(SETTINGS.client_header_timeout_s)
 edge.label_metrics_by_route(lambda: edge.RouteTable(http.app.routes))
-Digits.add_asgi_middleware(edge.Edge, limits=edge.EdgeLimits(SETTINGS.max_body_bytes, SETTINGS.client_body_timeout_s,
-                                                             SETTINGS.max_concurrency),
-                           routes=lambda: edge.RouteTable(http.app.routes))
+Digits.add_asgi_middleware(
+    edge.Edge,
+    limits=edge.EdgeLimits(SETTINGS.max_body_bytes, SETTINGS.client_body_timeout_s, SETTINGS.max_concurrency),
+    routes=lambda: edge.RouteTable(http.app.routes),
+)
 if SETTINGS.batcher == "bentoml":
     Digits.add_asgi_middleware(http.HotRoutes, skip=("/predict",))
     Digits.add_asgi_middleware(RequestLimits, max_body_bytes=SETTINGS.max_body_bytes)

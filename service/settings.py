@@ -69,9 +69,14 @@ class Settings:
             raise SystemExit("configuration error: BATCH_MAX_SIZE must be at least 2; set BATCHING=off to turn batching off")
         if self.batcher not in ("runtime", "bentoml"):
             raise SystemExit(f"configuration error: BATCHER={self.batcher!r} is not 'runtime' or 'bentoml'")
-        for name, value in (("MAX_IMAGE_PIXELS", self.max_image_pixels), ("IMAGE_DECODE_CONCURRENCY", self.image_decode_concurrency),
-                            ("SERVICE_MAX_CONCURRENCY", self.max_concurrency), ("CLIENT_HEADER_TIMEOUT_S", self.client_header_timeout_s),
-                            ("CLIENT_BODY_TIMEOUT_S", self.client_body_timeout_s), ("REGISTRY_TIMEOUT_S", self.registry_timeout_s)):
+        for name, value in (
+            ("MAX_IMAGE_PIXELS", self.max_image_pixels),
+            ("IMAGE_DECODE_CONCURRENCY", self.image_decode_concurrency),
+            ("SERVICE_MAX_CONCURRENCY", self.max_concurrency),
+            ("CLIENT_HEADER_TIMEOUT_S", self.client_header_timeout_s),
+            ("CLIENT_BODY_TIMEOUT_S", self.client_body_timeout_s),
+            ("REGISTRY_TIMEOUT_S", self.registry_timeout_s),
+        ):
             if value <= 0:
                 raise SystemExit(f"configuration error: {name}={value} must be positive")
         if not 0 <= self.grpc_port <= 65535:
@@ -93,8 +98,11 @@ class Settings:
 
     def batcher_limits(self) -> dict[str, Any]:
         """The runtime batcher's limits; BATCHING=off makes every request its own model call."""
-        return {"max_batch_images": self.batch_max_size if self.batching else 1,
-                "max_wait_s": self.batch_max_latency_ms / 1000, "max_queue_images": self.batch_max_queue_images}
+        return {
+            "max_batch_images": self.batch_max_size if self.batching else 1,
+            "max_wait_s": self.batch_max_latency_ms / 1000,
+            "max_queue_images": self.batch_max_queue_images,
+        }
 
     @classmethod
     def from_env(cls) -> Settings:

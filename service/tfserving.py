@@ -25,10 +25,13 @@ from service.runtime import ModelInfo, Prediction
 
 INPUT_NAME = SIGNATURE.input
 OUTPUT_NAMES = SIGNATURE.outputs
-_PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?:(?::(?P<verb>predict|classify|regress))|/(?P<meta>metadata))?$")
+_PATH = re.compile(
+    r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?:(?::(?P<verb>predict|classify|regress))|/(?P<meta>metadata))?$"
+)
 
 
 # -- REST -------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelRoute:
@@ -54,7 +57,7 @@ def parse_rest_predict(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
         raise InputError('request body must be a JSON object with "instances" or "inputs"')
     signature = request.get("signature_name", SIGNATURE.name)
     if signature != SIGNATURE.name:
-        raise InputError(f"Serving signature name: \"{signature}\" not found in signature def")
+        raise InputError(f'Serving signature name: "{signature}" not found in signature def')
     if ("instances" in request) == ("inputs" in request):
         raise InputError('JSON object must have exactly one of "instances" (row format) or "inputs" (columnar format)')
     if "instances" in request:
@@ -88,9 +91,9 @@ def rest_predict_response(prediction: Prediction, columnar: bool) -> dict[str, A
 
 
 def rest_status_response(version: str) -> dict[str, Any]:
-    return {"model_version_status": [
-        {"version": version, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-    ]}
+    return {
+        "model_version_status": [{"version": version, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]
+    }
 
 
 def rest_metadata_response(version: str, signature_def: Any) -> dict[str, Any]:
@@ -104,19 +107,23 @@ def rest_metadata_response(version: str, signature_def: Any) -> dict[str, Any]:
 
 # -- gRPC messages ----------------------------------------------------------------------------------
 
+
 def requested_version(spec: model_pb2.ModelSpec, serving: ModelInfo) -> str | None:
     """The version a ``ModelSpec`` pins (None: the served one); NotFound for another model or signature."""
     if spec.name != MODEL_NAME:
-        raise NotFound(f"Servable not found for request: Latest({spec.name or '(empty model name)'}); "
-                       f"this server serves {MODEL_NAME!r}")
+        raise NotFound(
+            f"Servable not found for request: Latest({spec.name or '(empty model name)'}); this server serves {MODEL_NAME!r}"
+        )
     if spec.signature_name not in ("", SIGNATURE.name):
-        raise NotFound(f"Serving signature name: \"{spec.signature_name}\" not found in signature def")
+        raise NotFound(f'Serving signature name: "{spec.signature_name}" not found in signature def')
     if spec.HasField("version"):
         return str(spec.version.value)
     if spec.version_label:
         if spec.version_label != serving.alias:
-            raise NotFound(f"Servable not found for request: version label {spec.version_label!r} "
-                           f"(this server follows {serving.alias or 'a fixed version'})")
+            raise NotFound(
+                f"Servable not found for request: version label {spec.version_label!r} "
+                f"(this server follows {serving.alias or 'a fixed version'})"
+            )
         return serving.version
     return None
 
@@ -140,14 +147,17 @@ def pixels_from_predict_request(request: predict_pb2.PredictRequest, max_images:
             raise InputError(f"output_filter names {name!r}; the signature's outputs are {', '.join(OUTPUT_NAMES)}")
     tensor = request.inputs[INPUT_NAME]
     if tensor.dtype not in _TENSOR_VALUES:
-        raise InputError(f"{INPUT_NAME} has dtype {types_pb2.DataType.Name(tensor.dtype)}; "
-                         "send DT_UINT8 (or DT_FLOAT/DT_DOUBLE/DT_INT32/DT_INT64 holding integers 0-255)")
+        raise InputError(
+            f"{INPUT_NAME} has dtype {types_pb2.DataType.Name(tensor.dtype)}; "
+            "send DT_UINT8 (or DT_FLOAT/DT_DOUBLE/DT_INT32/DT_INT64 holding integers 0-255)"
+        )
     shape = [dim.size for dim in tensor.tensor_shape.dim]
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3 or tuple(shape[1:]) != IMAGE_SHAPE or shape[0] < 0:
-        raise InputError(f"{INPUT_NAME} has shape {[d.size for d in tensor.tensor_shape.dim]}; "
-                         "expected [N, 28, 28] or [N, 28, 28, 1]")
+        raise InputError(
+            f"{INPUT_NAME} has shape {[d.size for d in tensor.tensor_shape.dim]}; expected [N, 28, 28] or [N, 28, 28, 1]"
+        )
     if shape[0] == 0:
         raise InputError(f"{INPUT_NAME} holds no images; send at least one 28x28 image")
     if shape[0] > max_images:
@@ -155,7 +165,11 @@ def pixels_from_predict_request(request: predict_pb2.PredictRequest, max_images:
     dtype, field = _TENSOR_VALUES[tensor.dtype]
     count = shape[0] * IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
     if tensor.tensor_content:
-        values = np.frombuffer(tensor.tensor_content, dtype=dtype) if len(tensor.tensor_content) == count * np.dtype(dtype).itemsize else None
+        values = (
+            np.frombuffer(tensor.tensor_content, dtype=dtype)
+            if len(tensor.tensor_content) == count * np.dtype(dtype).itemsize
+            else None
+        )
     else:
         values = np.asarray(getattr(tensor, field), dtype=dtype) if len(getattr(tensor, field)) == count else None
     if values is None:
@@ -176,14 +190,17 @@ def predict_response(prediction: Prediction, request: predict_pb2.PredictRequest
     _fill_spec(response.model_spec, prediction.model.version)
     wanted = set(request.output_filter) or set(OUTPUT_NAMES)
     if SIGNATURE.probabilities in wanted:
-        response.outputs[SIGNATURE.probabilities].CopyFrom(_tensor(prediction.probabilities.astype(np.float32, copy=False), types_pb2.DT_FLOAT))
+        response.outputs[SIGNATURE.probabilities].CopyFrom(
+            _tensor(prediction.probabilities.astype(np.float32, copy=False), types_pb2.DT_FLOAT)
+        )
     if SIGNATURE.digit in wanted:
         response.outputs[SIGNATURE.digit].CopyFrom(_tensor(prediction.digits.astype(np.int64, copy=False), types_pb2.DT_INT64))
     return response
 
 
-def metadata_response(request: get_model_metadata_pb2.GetModelMetadataRequest, version: str,
-                      signature_def: Any) -> get_model_metadata_pb2.GetModelMetadataResponse:
+def metadata_response(
+    request: get_model_metadata_pb2.GetModelMetadataRequest, version: str, signature_def: Any
+) -> get_model_metadata_pb2.GetModelMetadataResponse:
     fields = list(request.metadata_field) or ["signature_def"]
     if fields != ["signature_def"]:
         raise InputError(f"metadata_field {fields}: only 'signature_def' is available")

@@ -30,9 +30,23 @@ def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> TrainedRegistr
     workdir = tmp_path_factory.mktemp("registry")
     env = store_env(workdir)
     proc = run_pipeline(
-        ["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1", "--set", "training.log_every_n_steps=5",
-         "--set", "registry.accuracy_floor=0.3", "--set", f"export.base_dir={workdir / 'exports'}"],
-        env, workdir,
+        [
+            "train",
+            "--config",
+            "seed",
+            "--data",
+            str(SAMPLE_NPZ),
+            "--set",
+            "epochs=1",
+            "--set",
+            "training.log_every_n_steps=5",
+            "--set",
+            "registry.accuracy_floor=0.3",
+            "--set",
+            f"export.base_dir={workdir / 'exports'}",
+        ],
+        env,
+        workdir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return TrainedRegistry(workdir, env["MLFLOW_TRACKING_URI"], env, last_json_line(proc.stdout), proc.stdout)

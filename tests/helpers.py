@@ -22,8 +22,11 @@ def run_pipeline(args: list[str], env: dict[str, str], cwd: Path, timeout: float
     """Run ``python -m pipeline ...`` as a user would, in its own process."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd, env=child_env(env),
-        capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -57,5 +60,8 @@ class TrainedRegistry:
         shutil.copy(self.workdir / EMBEDDED_DB, destination / EMBEDDED_DB)
         shutil.copytree(self.workdir / "exports", destination / "exports")
         env = store_env(destination)
-        result = {**self.result, "export_path": str(destination / "exports" / self.export_path.relative_to(self.workdir / "exports"))}
+        result = {
+            **self.result,
+            "export_path": str(destination / "exports" / self.export_path.relative_to(self.workdir / "exports")),
+        }
         return TrainedRegistry(destination, env["MLFLOW_TRACKING_URI"], env, result, self.stdout)

@@ -18,12 +18,14 @@ def test_the_export_has_the_contracts_signature(trained_registry):
     export = trained_registry.export_path
     assert export.parent == contract.servable_dir(trained_registry.workdir / "exports")
     signature = loader_impl.parse_saved_model(str(export)).meta_graphs[0].signature_def[contract.SIGNATURE.name]
-    (name, pixels), = signature.inputs.items()
+    ((name, pixels),) = signature.inputs.items()
     assert name == contract.SIGNATURE.input and pixels.dtype == tf.uint8.as_datatype_enum
     assert [d.size for d in pixels.tensor_shape.dim] == [-1, *contract.IMAGE_SHAPE]
     outputs = {key: (value.dtype, [d.size for d in value.tensor_shape.dim]) for key, value in signature.outputs.items()}
-    assert outputs == {contract.SIGNATURE.probabilities: (tf.float32.as_datatype_enum, [-1, contract.NUM_CLASSES]),
-                       contract.SIGNATURE.digit: (tf.int64.as_datatype_enum, [-1])}
+    assert outputs == {
+        contract.SIGNATURE.probabilities: (tf.float32.as_datatype_enum, [-1, contract.NUM_CLASSES]),
+        contract.SIGNATURE.digit: (tf.int64.as_datatype_enum, [-1]),
+    }
 
 
 def test_the_service_finds_the_champion_by_the_contracts_names_and_predicts_what_the_export_does(trained_registry, sample):

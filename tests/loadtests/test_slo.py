@@ -8,20 +8,31 @@ import pytest
 
 from loadtests.run import aggregated, judge, load_profiles
 
-STATS = {"requests": 1000, "failures": 5, "failure_ratio": 0.005, "requests_per_s": 120.0,
-         "p50_ms": 20.0, "p95_ms": 60.0, "p99_ms": 150.0, "avg_ms": 25.0}
+STATS = {
+    "requests": 1000,
+    "failures": 5,
+    "failure_ratio": 0.005,
+    "requests_per_s": 120.0,
+    "p50_ms": 20.0,
+    "p95_ms": 60.0,
+    "p99_ms": 150.0,
+    "avg_ms": 25.0,
+}
 
 
 def test_a_run_within_every_slo_passes():
     assert judge(STATS, {"max_failure_ratio": 0.01, "p50_ms": 50, "p99_ms": 200, "min_rps": 100}) == []
 
 
-@pytest.mark.parametrize(("slo", "broken"), [
-    ({"max_failure_ratio": 0.001}, "failure ratio 0.0050 > 0.001"),
-    ({"p50_ms": 10}, "p50 latency 20 ms > 10 ms"),
-    ({"p99_ms": 100}, "p99 latency 150 ms > 100 ms"),
-    ({"min_rps": 200}, "throughput 120.0 requests/s < 200"),
-])
+@pytest.mark.parametrize(
+    ("slo", "broken"),
+    [
+        ({"max_failure_ratio": 0.001}, "failure ratio 0.0050 > 0.001"),
+        ({"p50_ms": 10}, "p50 latency 20 ms > 10 ms"),
+        ({"p99_ms": 100}, "p99 latency 150 ms > 100 ms"),
+        ({"min_rps": 200}, "throughput 120.0 requests/s < 200"),
+    ],
+)
 def test_each_broken_slo_is_named_with_its_figures(slo, broken):
     assert judge(STATS, slo) == [broken]
 

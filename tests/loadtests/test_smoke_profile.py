@@ -15,9 +15,25 @@ def test_smoke_profile_passes_against_the_real_service(trained_registry, tmp_pat
     service = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
     try:
         assert service.process.poll() is None, service.log()[-3000:]
-        run = subprocess.run([sys.executable, "-m", "loadtests.run", "smoke", "--host", service.url,
-                              "--grpc-target", service.grpc_target, "--out", str(tmp_path)],
-                             cwd=REPO_ROOT, env=child_env({"LOAD_MIN_CORRECT": "0"}), capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loadtests.run",
+                "smoke",
+                "--host",
+                service.url,
+                "--grpc-target",
+                service.grpc_target,
+                "--out",
+                str(tmp_path),
+            ],
+            cwd=REPO_ROOT,
+            env=child_env({"LOAD_MIN_CORRECT": "0"}),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         stop_service(service)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -34,11 +50,25 @@ def test_a_broken_slo_fails_the_run_and_says_which(trained_registry, tmp_path):
     service = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
     try:
         run = subprocess.run(
-            [sys.executable, "-c",
-             "import sys, loadtests.run as r; p = r.load_profiles(); p['smoke']['slo']['min_rps'] = 10**9; "
-             "r.load_profiles = lambda: p; sys.exit(r.main(sys.argv[1:]))",
-             "smoke", "--host", service.url, "--grpc-target", service.grpc_target, "--out", str(profiles)],
-            cwd=REPO_ROOT, env=child_env({"LOAD_MIN_CORRECT": "0"}), capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-c",
+                "import sys, loadtests.run as r; p = r.load_profiles(); p['smoke']['slo']['min_rps'] = 10**9; "
+                "r.load_profiles = lambda: p; sys.exit(r.main(sys.argv[1:]))",
+                "smoke",
+                "--host",
+                service.url,
+                "--grpc-target",
+                service.grpc_target,
+                "--out",
+                str(profiles),
+            ],
+            cwd=REPO_ROOT,
+            env=child_env({"LOAD_MIN_CORRECT": "0"}),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         stop_service(service)
     assert run.returncode == 1

@@ -23,8 +23,13 @@ from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline, store_env
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = {
-    "plots/accuracy_curve.png", "plots/loss_curve.png", "plots/confusion_matrix.png",
-    "plots/misclassified.png", "plots/feature_maps.png", "model_summary.txt", "classification_report.txt",
+    "plots/accuracy_curve.png",
+    "plots/loss_curve.png",
+    "plots/confusion_matrix.png",
+    "plots/misclassified.png",
+    "plots/feature_maps.png",
+    "model_summary.txt",
+    "classification_report.txt",
 }
 
 
@@ -45,8 +50,9 @@ def test_train_prints_a_machine_readable_result(trained_registry):
     assert set(result) == {"run_id", "model_version", "test_accuracy", "promoted", "export_path"}
     assert result["model_version"] == "1" and result["promoted"] is True
     assert f"run id: {result['run_id']}" in trained_registry.stdout
-    assert re.search(r"^epoch 1/1: .*val_accuracy \d\.\d{4} .*s per epoch, .* elapsed, ETA 0s$", trained_registry.stdout, re.M), \
+    assert re.search(r"^epoch 1/1: .*val_accuracy \d\.\d{4} .*s per epoch, .* elapsed, ETA 0s$", trained_registry.stdout, re.M), (
         "no per-epoch progress line"
+    )
     assert re.search(r"^plan: train seed for up to 1 epochs on 1,400 images", trained_registry.stdout, re.M)
 
 
@@ -112,8 +118,23 @@ def test_registered_version_is_a_keras_mlflow_model_carrying_the_savedmodel(trai
 def test_gate_keeps_champion_then_evaluate_and_promote_by_hand(trained_registry, tmp_path):
     registry = trained_registry.copy(tmp_path / "store")  # this test moves the champion
     env, cwd = registry.env, registry.workdir
-    proc = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
-                         "--set", "registry.accuracy_floor=0.999", "--set", f"export.base_dir={cwd / 'exports'}"], env, cwd)
+    proc = run_pipeline(
+        [
+            "train",
+            "--config",
+            "seed",
+            "--data",
+            str(SAMPLE_NPZ),
+            "--set",
+            "epochs=1",
+            "--set",
+            "registry.accuracy_floor=0.999",
+            "--set",
+            f"export.base_dir={cwd / 'exports'}",
+        ],
+        env,
+        cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     second = last_json_line(proc.stdout)
     assert second["model_version"] == "2" and second["promoted"] is False
@@ -148,8 +169,19 @@ def assert_failed_and_nothing_registered(env: dict[str, str], exports: Path) -> 
 
 def test_bad_data_fails_the_run_with_a_clear_error(tmp_path):
     env = store_env(tmp_path)
-    proc = run_pipeline(["train", "--config", "seed", "--data", str(tmp_path / "missing.npz"),
-                         "--set", f"export.base_dir={tmp_path / 'exports'}"], env, tmp_path)
+    proc = run_pipeline(
+        [
+            "train",
+            "--config",
+            "seed",
+            "--data",
+            str(tmp_path / "missing.npz"),
+            "--set",
+            f"export.base_dir={tmp_path / 'exports'}",
+        ],
+        env,
+        tmp_path,
+    )
     assert proc.returncode == 2
     assert "data file or directory not found" in proc.stderr and "Traceback" not in proc.stderr
     assert_failed_and_nothing_registered(env, tmp_path / "exports")
@@ -159,8 +191,11 @@ def test_failure_at_export_leaves_no_export_and_registers_nothing(tmp_path):
     env = store_env(tmp_path)
     blocker = tmp_path / "exports"
     blocker.write_text("a file where the export directory should go")
-    proc = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
-                         "--set", f"export.base_dir={blocker}"], env, tmp_path)
+    proc = run_pipeline(
+        ["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1", "--set", f"export.base_dir={blocker}"],
+        env,
+        tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(blocker) in proc.stderr
     assert_failed_and_nothing_registered(env, tmp_path)
@@ -170,9 +205,26 @@ def test_failure_at_export_leaves_no_export_and_registers_nothing(tmp_path):
 def test_ctrl_c_marks_the_run_failed(tmp_path):
     env = child_env(store_env(tmp_path))
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "pipeline", "train", "--config", "seed", "--data", str(SAMPLE_NPZ),
-         "--set", "epochs=200", "--set", f"export.base_dir={tmp_path / 'exports'}"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-u",
+            "-m",
+            "pipeline",
+            "train",
+            "--config",
+            "seed",
+            "--data",
+            str(SAMPLE_NPZ),
+            "--set",
+            "epochs=200",
+            "--set",
+            f"export.base_dir={tmp_path / 'exports'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         # a shell's background job or nohup starts us with SIGINT ignored, and the child would inherit that
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -188,17 +240,36 @@ def test_ctrl_c_marks_the_run_failed(tmp_path):
 
 
 def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path):
-    proc = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
-                         "--set", "training.strategy=mirrored", "--set", "training.logical_cpus=2",
-                         "--set", "registry.accuracy_floor=0", "--set", f"export.base_dir={tmp_path / 'exports'}"],
-                        store_env(tmp_path), tmp_path)
+    proc = run_pipeline(
+        [
+            "train",
+            "--config",
+            "seed",
+            "--data",
+            str(SAMPLE_NPZ),
+            "--set",
+            "epochs=1",
+            "--set",
+            "training.strategy=mirrored",
+            "--set",
+            "training.logical_cpus=2",
+            "--set",
+            "registry.accuracy_floor=0",
+            "--set",
+            f"export.base_dir={tmp_path / 'exports'}",
+        ],
+        store_env(tmp_path),
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 replica(s)" in proc.stdout
     assert last_json_line(proc.stdout)["model_version"] == "1"
 
 
 def test_mlflow_models_serve_answers_with_the_champion(trained_registry, sample, tmp_path):
-    server = start_mlflow_models_serve(registry_uri(), tmp_path / "mlflow-serve.log", trained_registry.env, trained_registry.workdir)
+    server = start_mlflow_models_serve(
+        registry_uri(), tmp_path / "mlflow-serve.log", trained_registry.env, trained_registry.workdir
+    )
     try:
         assert server.process.poll() is None, server.log()[-2000:]
         images = sample["x_test"][:8]

@@ -8,7 +8,13 @@ def test_seed_has_the_notebooks_8790_parameters():
     model = build_model(load_config("seed").model)
     assert model.count_params() == 8790
     assert [layer.__class__.__name__ for layer in model.layers] == [
-        "InputLayer", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense",
+        "InputLayer",
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Flatten",
+        "Dense",
     ]
 
 

@@ -42,8 +42,19 @@ def _env(root: Path, **extra: str) -> dict[str, str]:
 
 
 def _train_args(root: Path, *sets: str) -> list[str]:
-    args = ["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
-            "--set", "registry.accuracy_floor=0.1", "--set", f"export.base_dir={root / 'exports'}"]
+    args = [
+        "train",
+        "--config",
+        "seed",
+        "--data",
+        str(SAMPLE_NPZ),
+        "--set",
+        "epochs=1",
+        "--set",
+        "registry.accuracy_floor=0.1",
+        "--set",
+        f"export.base_dir={root / 'exports'}",
+    ]
     for value in sets:
         args += ["--set", value]
     return args
@@ -52,8 +63,12 @@ def _train_args(root: Path, *sets: str) -> list[str]:
 def _start(root: Path, pause_at: str | None, *sets: str) -> subprocess.Popen:
     extra = {"PIPELINE_PAUSE_AT": pause_at, "PIPELINE_PAUSE_S": "8"} if pause_at else {}
     return subprocess.Popen(
-        [sys.executable, "-u", "-m", "pipeline", *_train_args(root, *sets)], cwd=root, env=child_env(_env(root, **extra)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-u", "-m", "pipeline", *_train_args(root, *sets)],
+        cwd=root,
+        env=child_env(_env(root, **extra)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # whatever our own caller ignores
     )
 
@@ -123,8 +138,10 @@ def test_sigterm_during_fit_stops_after_the_batch_and_fails_the_run(store):
     assert state["statuses"] == ["FAILED", "FINISHED"] and list(state["versions"]) == ["1"]
 
 
-@pytest.mark.parametrize(("sig", "step"), [(signal.SIGTERM, "register"), (signal.SIGTERM, "publish"),
-                                           (signal.SIGTERM, "gate"), (signal.SIGINT, "gate")])
+@pytest.mark.parametrize(
+    ("sig", "step"),
+    [(signal.SIGTERM, "register"), (signal.SIGTERM, "publish"), (signal.SIGTERM, "gate"), (signal.SIGINT, "gate")],
+)
 def test_a_stop_during_the_commit_completes_it_and_says_so(store, sig, step):
     process = _start(store, step)
     _wait_for(process, f"step: {step}")

@@ -41,8 +41,15 @@ def batch_histogram(service: RunningService) -> tuple[float, float]:
     return images.get("count", 0.0), images.get("le=1.0", 0.0)
 
 
-def predict_request(pixels: np.ndarray | None = None, *, tensor: tf.Tensor | None = None, name: str = "mnist",
-                    version: int | None = None, signature: str = "", input_name: str = "pixels") -> predict_pb2.PredictRequest:
+def predict_request(
+    pixels: np.ndarray | None = None,
+    *,
+    tensor: tf.Tensor | None = None,
+    name: str = "mnist",
+    version: int | None = None,
+    signature: str = "",
+    input_name: str = "pixels",
+) -> predict_pb2.PredictRequest:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
     request.model_spec.signature_name = signature

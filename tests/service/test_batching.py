@@ -79,8 +79,7 @@ def test_a_model_call_never_exceeds_the_batch_limit_but_a_large_request_is_never
     batcher = Batcher(model, max_batch_images=8, max_wait_s=5, max_queue_images=1000)
 
     async def main():
-        return await asyncio.gather(*(batcher.predict(images(1, 3), "a") for _ in range(10)),
-                                    batcher.predict(images(2, 20), "b"))
+        return await asyncio.gather(*(batcher.predict(images(1, 3), "a") for _ in range(10)), batcher.predict(images(2, 20), "b"))
 
     answers = run(main())
     assert len(answers[-1].digits) == 20

@@ -16,25 +16,38 @@ def table() -> RouteTable:
     return RouteTable(http.app.routes)
 
 
-@pytest.mark.parametrize(("path", "label", "method"), [
-    ("/predict", "/predict", "POST"),
-    ("/predict_image", "/predict_image", "POST"),
-    ("/model", "/model", "GET"),
-    ("/draw", "/draw", "GET"),
-    ("/livez", "/livez", "GET"),
-    ("/metrics", "/metrics", "GET"),
-    ("/v1/models/mnist:predict", "/v1/models/{model}:predict", "POST"),
-    ("/v1/models/mnist/versions/7:predict", "/v1/models/{model}:predict", "POST"),
-    ("/v1/models/mnist/versions/123456", "/v1/models/{model}", "GET"),
-    ("/v1/models/mnist/metadata", "/v1/models/{model}/metadata", "GET"),
-])
+@pytest.mark.parametrize(
+    ("path", "label", "method"),
+    [
+        ("/predict", "/predict", "POST"),
+        ("/predict_image", "/predict_image", "POST"),
+        ("/model", "/model", "GET"),
+        ("/draw", "/draw", "GET"),
+        ("/livez", "/livez", "GET"),
+        ("/metrics", "/metrics", "GET"),
+        ("/v1/models/mnist:predict", "/v1/models/{model}:predict", "POST"),
+        ("/v1/models/mnist/versions/7:predict", "/v1/models/{model}:predict", "POST"),
+        ("/v1/models/mnist/versions/123456", "/v1/models/{model}", "GET"),
+        ("/v1/models/mnist/metadata", "/v1/models/{model}/metadata", "GET"),
+    ],
+)
 def test_known_paths_get_their_route_template(table, path, label, method):
     matched = table.match(path)
     assert matched is not None and matched[0] == label and method in matched[1]
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/predict/", "/v1/models/other:predict", "/v1/models/mnist:classify",
-                                  "/static_content/../../etc/passwd", "/v1/models/mnist/versions/x"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/nope",
+        "/predict/",
+        "/v1/models/other:predict",
+        "/v1/models/mnist:classify",
+        "/static_content/../../etc/passwd",
+        "/v1/models/mnist/versions/x",
+    ],
+)
 def test_other_paths_are_unmatched(table, path):
     if path == "/":
         assert table.match(path)[0] == "/"  # BentoML's Swagger UI
@@ -56,8 +69,15 @@ def test_failed_admin_attempts_lock_out_one_address_for_the_window():
 
 # -- the request limits, in-process: the edge in front of a stand-in app ---------------------------
 
-def run_edge(limits: EdgeLimits, messages: list[dict], path: str = "/predict", method: str = "POST",
-             app_wait: asyncio.Event | None = None, concurrent: int = 1) -> list[dict]:
+
+def run_edge(
+    limits: EdgeLimits,
+    messages: list[dict],
+    path: str = "/predict",
+    method: str = "POST",
+    app_wait: asyncio.Event | None = None,
+    concurrent: int = 1,
+) -> list[dict]:
     """Send one request (``concurrent`` at once, the others held inside the app) through an Edge; returns
     the first request's response messages, and whether the app ever saw a body."""
 
@@ -110,21 +130,33 @@ LIMITS = EdgeLimits(max_body_bytes=100, body_timeout_s=0.3, max_concurrency=2)
 
 
 def test_a_body_in_pieces_reaches_the_app_whole():
-    sent = run_edge(LIMITS, [{"type": "http.request", "body": b"ab", "more_body": True},
-                             {"type": "http.request", "body": b"cd", "more_body": False}])
+    sent = run_edge(
+        LIMITS,
+        [{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.request", "body": b"cd", "more_body": False}],
+    )
     assert status_and_json(sent) == (200, b"app saw abcd")
 
 
 def test_a_body_over_the_limit_gets_413_naming_the_limit():
-    sent = run_edge(LIMITS, [{"type": "http.request", "body": b"x" * 60, "more_body": True},
-                             {"type": "http.request", "body": b"x" * 60, "more_body": False}])
+    sent = run_edge(
+        LIMITS,
+        [
+            {"type": "http.request", "body": b"x" * 60, "more_body": True},
+            {"type": "http.request", "body": b"x" * 60, "more_body": False},
+        ],
+    )
     status, body = status_and_json(sent)
     assert status == 413 and "100 bytes" in body["error"]
 
 
 def test_a_body_slower_than_the_timeout_gets_408():
-    sent = run_edge(LIMITS, [{"type": "http.request", "body": b"ab", "more_body": True},
-                             {"type": "http.request", "body": b"cd", "more_body": False, "delay": 1.0}])
+    sent = run_edge(
+        LIMITS,
+        [
+            {"type": "http.request", "body": b"ab", "more_body": True},
+            {"type": "http.request", "body": b"cd", "more_body": False, "delay": 1.0},
+        ],
+    )
     status, body = status_and_json(sent)
     assert status == 408 and "0.3 s" in body["error"]
 

@@ -38,8 +38,10 @@ def test_stock_stub_gets_the_savedmodels_digits_and_probabilities(channel, servi
     images = sample["x_test"][:32]
     expected = saved_model_probabilities(trained_registry, version, images)
 
-    for request in (predict_request(images),  # uint8 [N, 28, 28]
-                    predict_request(images[..., None].astype(np.float32), signature="serving_default")):  # float [N, 28, 28, 1]
+    for request in (
+        predict_request(images),  # uint8 [N, 28, 28]
+        predict_request(images[..., None].astype(np.float32), signature="serving_default"),
+    ):  # float [N, 28, 28, 1]
         response = stub.Predict(request, timeout=30)
         np.testing.assert_allclose(tf.make_ndarray(response.outputs["probabilities"]), expected, atol=1e-5)
         assert tf.make_ndarray(response.outputs["digit"]).tolist() == expected.argmax(1).tolist()
@@ -68,8 +70,9 @@ def test_metadata_shows_the_signature_and_status_the_version(channel, service):
     status_request = get_model_status_pb2.GetModelStatusRequest()
     status_request.model_spec.name = "mnist"
     status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status_request, timeout=30)
-    assert [(str(s.version), s.state) for s in status.model_version_status] == \
-        [(version, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
+    assert [(str(s.version), s.state) for s in status.model_version_status] == [
+        (version, get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+    ]
 
 
 def _empty_images() -> tf.Tensor:
@@ -77,17 +80,37 @@ def _empty_images() -> tf.Tensor:
 
 
 BAD_CALLS = [
-    ("wrong shape", lambda: predict_request(np.zeros((2, 27, 28), np.uint8)), grpc.StatusCode.INVALID_ARGUMENT, "shape [2, 27, 28]"),
-    ("wrong dtype", lambda: predict_request(tensor=tf.make_tensor_proto([["a"] * 28] * 28)), grpc.StatusCode.INVALID_ARGUMENT, "DT_STRING"),
+    (
+        "wrong shape",
+        lambda: predict_request(np.zeros((2, 27, 28), np.uint8)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "shape [2, 27, 28]",
+    ),
+    (
+        "wrong dtype",
+        lambda: predict_request(tensor=tf.make_tensor_proto([["a"] * 28] * 28)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "DT_STRING",
+    ),
     ("out of range", lambda: predict_request(np.full((1, 28, 28), 300.0, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "0-255"),
     ("NaN", lambda: predict_request(np.full((1, 28, 28), np.nan, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
     ("fractions", lambda: predict_request(np.full((1, 28, 28), 0.5, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "fractional"),
     ("empty", lambda: predict_request(tensor=_empty_images()), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
     ("too many", lambda: predict_request(np.zeros((301, 28, 28), np.uint8)), grpc.StatusCode.INVALID_ARGUMENT, "at most 300"),
-    ("wrong input name", lambda: predict_request(np.zeros((1, 28, 28), np.uint8), input_name="x"), grpc.StatusCode.INVALID_ARGUMENT, "pixels"),
+    (
+        "wrong input name",
+        lambda: predict_request(np.zeros((1, 28, 28), np.uint8), input_name="x"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "pixels",
+    ),
     ("unknown model", lambda: predict_request(np.zeros((1, 28, 28), np.uint8), name="other"), grpc.StatusCode.NOT_FOUND, "other"),
     ("unknown version", lambda: predict_request(np.zeros((1, 28, 28), np.uint8), version=999), grpc.StatusCode.NOT_FOUND, "999"),
-    ("unknown signature", lambda: predict_request(np.zeros((1, 28, 28), np.uint8), signature="classify_x"), grpc.StatusCode.NOT_FOUND, "classify_x"),
+    (
+        "unknown signature",
+        lambda: predict_request(np.zeros((1, 28, 28), np.uint8), signature="classify_x"),
+        grpc.StatusCode.NOT_FOUND,
+        "classify_x",
+    ),
 ]
 
 

@@ -28,9 +28,16 @@ MAX_CONCURRENCY = 16
 @pytest.fixture(scope="module")
 def strict(trained_registry, tmp_path_factory):
     home = tmp_path_factory.mktemp("strict")
-    env = {**trained_registry.env, "MODEL_POLL_SECONDS": "0", "ADMIN_TOKEN": ADMIN_TOKEN, "TMPDIR": str(home),
-           "CLIENT_HEADER_TIMEOUT_S": str(TIMEOUT_S), "CLIENT_BODY_TIMEOUT_S": str(TIMEOUT_S),
-           "SERVICE_MAX_CONCURRENCY": str(MAX_CONCURRENCY), "MAX_IMAGE_PIXELS": str(9_000_000)}
+    env = {
+        **trained_registry.env,
+        "MODEL_POLL_SECONDS": "0",
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "TMPDIR": str(home),
+        "CLIENT_HEADER_TIMEOUT_S": str(TIMEOUT_S),
+        "CLIENT_BODY_TIMEOUT_S": str(TIMEOUT_S),
+        "SERVICE_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
+        "MAX_IMAGE_PIXELS": str(9_000_000),
+    }
     running = start_service(env, home / "service.log")
     assert running.process.poll() is None, running.log()[-3000:]
     yield running
@@ -89,8 +96,12 @@ def test_livez_answers_while_large_legal_pictures_decode(strict):
     before = _peak_rss_mib(worker)
     latencies: list[float] = []
     with ThreadPoolExecutor(6) as pool:
-        uploads = [pool.submit(requests.post, f"{strict.url}/predict_image", data=noisy,
-                               headers={"Content-Type": "image/png"}, timeout=60) for _ in range(6)]
+        uploads = [
+            pool.submit(
+                requests.post, f"{strict.url}/predict_image", data=noisy, headers={"Content-Type": "image/png"}, timeout=60
+            )
+            for _ in range(6)
+        ]
         while not all(u.done() for u in uploads):
             started = time.monotonic()
             assert requests.get(f"{strict.url}/livez", timeout=10).status_code == 200
@@ -111,8 +122,11 @@ def test_random_paths_get_json_404s_and_do_not_grow_metrics(strict):
         with requests.Session() as session:
             for i in range(count):
                 path = secrets.token_hex(8)
-                answer = session.get(f"{strict.url}/{path}/{i}", timeout=10) if i % 3 else \
-                    session.post(f"{strict.url}/v1/models/{path}:predict", json={}, timeout=10)
+                answer = (
+                    session.get(f"{strict.url}/{path}/{i}", timeout=10)
+                    if i % 3
+                    else session.post(f"{strict.url}/v1/models/{path}:predict", json={}, timeout=10)
+                )
                 assert answer.status_code == 404 and "error" in answer.json()
 
     burst(30)  # the first unknown path adds the one "unmatched" series
@@ -121,15 +135,25 @@ def test_random_paths_get_json_404s_and_do_not_grow_metrics(strict):
     after = metrics_size()
     assert after - before < 1000, (before, after)  # counts grow, series do not
     text = requests.get(f"{strict.url}/metrics", timeout=30).text
-    unmatched = [line for line in text.splitlines() if line.startswith("bentoml_service_request_total{")
-                 and 'endpoint="unmatched"' in line and 'http_response_code="404"' in line]
+    unmatched = [
+        line
+        for line in text.splitlines()
+        if line.startswith("bentoml_service_request_total{")
+        and 'endpoint="unmatched"' in line
+        and 'http_response_code="404"' in line
+    ]
     assert len(unmatched) == 1 and float(unmatched[0].split()[-1]) >= 3000, unmatched
     assert requests.get(f"{strict.url}/model", timeout=10).status_code == 200
 
 
 def test_every_answer_is_json_with_nosniff_and_the_draw_page_has_a_csp(strict):
-    cases = [("get", "/no-such-page", 404), ("get", "/predict", 405), ("post", "/model", 405),
-             ("get", "/v1/models/other", 404), ("get", "/v1/models/mnist/versions/999", 404)]
+    cases = [
+        ("get", "/no-such-page", 404),
+        ("get", "/predict", 405),
+        ("post", "/model", 405),
+        ("get", "/v1/models/other", 404),
+        ("get", "/v1/models/mnist/versions/999", 404),
+    ]
     for method, path, status in cases:
         answer = getattr(requests, method)(f"{strict.url}{path}", timeout=10)
         assert answer.status_code == status, (path, answer.text)
@@ -147,8 +171,9 @@ def test_a_slow_body_gets_408_and_idle_clients_do_not_take_the_slots(strict, sam
     try:
         for _ in range(MAX_CONCURRENCY * 2):  # more unfinished bodies than there are request slots
             connection = socket.create_connection((host, port), timeout=10)
-            connection.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                               b"Content-Length: 5000\r\n\r\n[[")
+            connection.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n[["
+            )
             idle.append(connection)
         time.sleep(0.3)
         answers = [requests.post(f"{strict.url}/predict", json=sample["x_test"][i].tolist(), timeout=10) for i in range(20)]
@@ -226,8 +251,10 @@ def test_reload_during_a_registry_outage_fails_fast_with_503(trained_registry, t
     running = None
     try:
         assert server.process.poll() is None, server.log()[-3000:]
-        running = start_service({"MLFLOW_TRACKING_URI": server.url, "MODEL_POLL_SECONDS": "0", "ADMIN_TOKEN": ADMIN_TOKEN,
-                                 "REGISTRY_TIMEOUT_S": "4"}, tmp_path / "service.log")
+        running = start_service(
+            {"MLFLOW_TRACKING_URI": server.url, "MODEL_POLL_SECONDS": "0", "ADMIN_TOKEN": ADMIN_TOKEN, "REGISTRY_TIMEOUT_S": "4"},
+            tmp_path / "service.log",
+        )
         assert running.process.poll() is None, running.log()[-3000:]
         stop_process(server)
         started = time.monotonic()

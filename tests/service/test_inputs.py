@@ -79,8 +79,9 @@ def test_rendered_digit_is_scaled_to_20px_and_centred_by_mass():
     assert pixels[0].max() == 0 and pixels[:, 0].max() == 0  # dark background, as MNIST
 
 
-@pytest.mark.parametrize(("data", "message"), [(b"", "empty"), (b"not an image", "cannot decode"),
-                                               (png(np.full((30, 30), 255, np.uint8)), "no digit")])
+@pytest.mark.parametrize(
+    ("data", "message"), [(b"", "empty"), (b"not an image", "cannot decode"), (png(np.full((30, 30), 255, np.uint8)), "no digit")]
+)
 def test_bad_uploads(data, message):
     with pytest.raises(InputError, match=message):
         pixels_from_image_bytes(data)

@@ -16,12 +16,15 @@ def saved_model(directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize(("uri", "expected"), [
-    ("models:/mnist-cnn@champion", ("mnist-cnn", "champion", None)),
-    ("models:/mnist-cnn/12", ("mnist-cnn", None, "12")),
-    ("models:/mnist-cnn/12/", ("mnist-cnn", None, "12")),
-    (contract.registry_uri(), (contract.REGISTERED_MODEL, contract.CHAMPION, None)),
-])
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("models:/mnist-cnn@champion", ("mnist-cnn", "champion", None)),
+        ("models:/mnist-cnn/12", ("mnist-cnn", None, "12")),
+        ("models:/mnist-cnn/12/", ("mnist-cnn", None, "12")),
+        (contract.registry_uri(), (contract.REGISTERED_MODEL, contract.CHAMPION, None)),
+    ],
+)
 def test_registry_uris_name_a_model_and_an_alias_or_a_version(uri, expected):
     assert parse_registry_uri(uri) == expected
 
@@ -39,7 +42,12 @@ def test_a_tf_serving_base_directory_resolves_to_its_highest_numbered_version(tm
     (base / "11").mkdir()  # no saved_model.pb: not a version
     (base / ".staging-1").mkdir()
     source = resolve_local(base)
-    assert (source.name, source.version, source.location, source.is_local) == (contract.REGISTERED_MODEL, "10", str(base / "10"), True)
+    assert (source.name, source.version, source.location, source.is_local) == (
+        contract.REGISTERED_MODEL,
+        "10",
+        str(base / "10"),
+        True,
+    )
     assert source.key == str((base / "10").resolve())
 
 
@@ -49,10 +57,13 @@ def test_a_downloaded_mlflow_model_resolves_to_the_savedmodel_it_carries(tmp_pat
     assert resolve_local(inner).version == "1"  # a directory that is not numbered
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda root: root / "missing", "no such directory"),
-    (lambda root: root, "no saved_model.pb"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: root / "missing", "no such directory"),
+        (lambda root: root, "no saved_model.pb"),
+    ],
+)
 def test_local_directories_without_a_model_are_refused(tmp_path, make, message):
     with pytest.raises(ModelLoadError, match=message):
         resolve_local(make(tmp_path))

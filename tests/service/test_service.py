@@ -61,9 +61,11 @@ def test_tensorflow_serving_rest_formats(service, trained_registry, sample):
     assert set(rows["predictions"][0]) == {"probabilities", "digit"}
     np.testing.assert_allclose([p["probabilities"] for p in rows["predictions"]], expected, atol=1e-5)
 
-    named = requests.post(f"{v1}/versions/{version}:predict",
-                          json={"signature_name": "serving_default", "instances": [{"pixels": im.tolist()} for im in images]},
-                          timeout=30).json()
+    named = requests.post(
+        f"{v1}/versions/{version}:predict",
+        json={"signature_name": "serving_default", "instances": [{"pixels": im.tolist()} for im in images]},
+        timeout=30,
+    ).json()
     assert [p["digit"] for p in named["predictions"]] == expected.argmax(1).tolist()
 
     columns = requests.post(f"{v1}:predict", json={"inputs": {"pixels": images.tolist()}}, timeout=30).json()
@@ -72,8 +74,9 @@ def test_tensorflow_serving_rest_formats(service, trained_registry, sample):
     assert columns["outputs"]["digit"] == expected.argmax(1).tolist()
 
     status = requests.get(v1, timeout=10).json()
-    assert status == {"model_version_status": [{"version": version, "state": "AVAILABLE",
-                                                "status": {"error_code": "OK", "error_message": ""}}]}
+    assert status == {
+        "model_version_status": [{"version": version, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]
+    }
     metadata = requests.get(f"{v1}/metadata", timeout=10).json()
     assert metadata["model_spec"] == {"name": "mnist", "signature_name": "", "version": version}
     signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
@@ -94,8 +97,9 @@ def test_image_upload_is_preprocessed_like_mnist_and_answered_like_its_pixels(se
         paper = Image.fromarray(255 - image).resize((168, 168), Image.Resampling.BICUBIC).convert("RGB")
         buffer = io.BytesIO()
         paper.save(buffer, "JPEG", quality=92)
-        upload = requests.post(f"{service.url}/predict_image",
-                               files={"image": ("digit.jpg", buffer.getvalue(), "image/jpeg")}, timeout=30)
+        upload = requests.post(
+            f"{service.url}/predict_image", files={"image": ("digit.jpg", buffer.getvalue(), "image/jpeg")}, timeout=30
+        )
         assert upload.status_code == 200, upload.text
         seen = np.asarray(upload.json()["pixels"], dtype=float)
         assert np.corrcoef(seen.ravel(), image.astype(float).ravel())[0, 1] > 0.85
@@ -115,7 +119,12 @@ BAD_REQUESTS = [
     ("/predict", {"data": "[[" + ",".join(["NaN"] * 28) + "]]", "headers": {"Content-Type": "application/json"}}, 400, ""),
     ("/predict", {"json": []}, 400, "empty"),
     ("/predict", {"json": np.zeros((301, 28, 28), int).tolist()}, 400, "at most 300"),
-    ("/predict", {"data": b"[" + b"0," * 3_000_000 + b"0]", "headers": {"Content-Type": "application/json"}}, 413, "over the limit"),
+    (
+        "/predict",
+        {"data": b"[" + b"0," * 3_000_000 + b"0]", "headers": {"Content-Type": "application/json"}},
+        413,
+        "over the limit",
+    ),
     ("/predict", {"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400, "malformed JSON"),
     ("/predict", {"data": "[[0]]", "headers": {"Content-Type": "text/plain"}}, 415, "content type"),
     ("/predict_image", {"files": {"image": ("empty.png", b"", "image/png")}}, 400, "empty"),
@@ -129,7 +138,9 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize(("path", "kwargs", "status", "message"), BAD_REQUESTS, ids=[f"{p} {s} {m}" for p, _, s, m in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "message"), BAD_REQUESTS, ids=[f"{p} {s} {m}" for p, _, s, m in BAD_REQUESTS]
+)
 def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_serving(service, sample, path, kwargs, status, message):
     answer = requests.post(f"{service.url}{path}", timeout=30, **kwargs)
     assert answer.status_code == status, answer.text[:500]
@@ -173,10 +184,23 @@ def test_concurrent_single_image_requests_are_batched_and_all_correct(service, t
 
 def test_hot_reload_under_http_tf_rest_and_grpc_load_fails_nothing_and_mixes_no_versions(service, trained_registry, sample):
     before = served_version(service)
-    trained = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
-                            "--set", "registry.accuracy_floor=1.0",
-                            "--set", f"export.base_dir={trained_registry.workdir / 'exports'}"],
-                           trained_registry.env, trained_registry.workdir)
+    trained = run_pipeline(
+        [
+            "train",
+            "--config",
+            "seed",
+            "--data",
+            str(SAMPLE_NPZ),
+            "--set",
+            "epochs=1",
+            "--set",
+            "registry.accuracy_floor=1.0",
+            "--set",
+            f"export.base_dir={trained_registry.workdir / 'exports'}",
+        ],
+        trained_registry.env,
+        trained_registry.workdir,
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     new_version = last_json_line(trained.stdout)["model_version"]
     assert new_version != before
@@ -283,9 +307,19 @@ def test_draw_page_predicts_a_drawn_digit_in_a_real_browser(service, tmp_path):
 
     # the page's example draws a 7 through its pointer handlers and posts the canvas PNG to /predict_image
     dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
-         "--virtual-time-budget=20000", "--dump-dom", f"{service.url}/draw#example"],
-        capture_output=True, text=True, timeout=120,
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path}",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            f"{service.url}/draw#example",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     shown = re.search(r'id="result"[^>]*>Digit (\d) \(model version (\d+)\)<', dom)
     assert shown, dom[-2000:]
@@ -308,7 +342,9 @@ def test_bentoml_batcher_mode_answers_like_the_default(tmp_path, trained_registr
         np.testing.assert_allclose([p["probabilities"] for p in answer.json()], expected, atol=1e-5)
         bad = requests.post(f"{running.url}/predict", json=[[1, 2]], timeout=30)
         assert bad.status_code == 400 and "shape [1, 2]" in bad.json()["error"]
-        rest = requests.post(f"{running.url}/v1/models/mnist:predict", json={"instances": sample["x_test"][:2].tolist()}, timeout=30)
+        rest = requests.post(
+            f"{running.url}/v1/models/mnist:predict", json={"instances": sample["x_test"][:2].tolist()}, timeout=30
+        )
         assert [p["digit"] for p in rest.json()["predictions"]] == expected[:2].argmax(1).tolist()
     finally:
         stop_service(running)

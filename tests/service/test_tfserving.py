@@ -18,8 +18,11 @@ INFO = ModelInfo("mnist-cnn", "4", "champion", None, None, "test", "test", "now"
 
 def test_predict_request_pixels_in_every_accepted_form(sample):
     images = sample["x_test"][:3]
-    for request in (predict_request(images), predict_request(images[..., None].astype(np.float32)),
-                    predict_request(images.astype(np.int64))):
+    for request in (
+        predict_request(images),
+        predict_request(images[..., None].astype(np.float32)),
+        predict_request(images.astype(np.int64)),
+    ):
         np.testing.assert_array_equal(tfserving.pixels_from_predict_request(request, 10), images)
     values_not_content = predict_request(images)
     tensor = values_not_content.inputs["pixels"]
@@ -44,11 +47,14 @@ def test_predict_response_round_trips_through_tensorflow():
     assert (response.model_spec.name, response.model_spec.version.value) == ("mnist", 4)
 
 
-@pytest.mark.parametrize(("spec", "result"), [
-    ({"name": "mnist"}, None),
-    ({"name": "mnist", "signature_name": "serving_default"}, None),
-    ({"name": "mnist", "version_label": "champion"}, "4"),
-])
+@pytest.mark.parametrize(
+    ("spec", "result"),
+    [
+        ({"name": "mnist"}, None),
+        ({"name": "mnist", "signature_name": "serving_default"}, None),
+        ({"name": "mnist", "version_label": "champion"}, "4"),
+    ],
+)
 def test_model_spec_resolution(spec, result):
     assert tfserving.requested_version(model_pb2.ModelSpec(**spec), INFO) == result
 
@@ -59,8 +65,9 @@ def test_model_spec_pinning_a_version():
     assert tfserving.requested_version(spec, INFO) == "3"
 
 
-@pytest.mark.parametrize("spec", [{"name": "resnet"}, {"name": "mnist", "signature_name": "other"},
-                                  {"name": "mnist", "version_label": "canary"}])
+@pytest.mark.parametrize(
+    "spec", [{"name": "resnet"}, {"name": "mnist", "signature_name": "other"}, {"name": "mnist", "version_label": "canary"}]
+)
 def test_unknown_model_signature_or_label_is_not_found(spec):
     with pytest.raises(NotFound):
         tfserving.requested_version(model_pb2.ModelSpec(**spec), INFO)
@@ -78,14 +85,17 @@ def test_rest_row_and_columnar_formats(sample):
     np.testing.assert_array_equal(columns, images)
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    (b"{oops", "malformed JSON"),
-    (b"[]", "JSON object"),
-    (b'{"instances": [], "inputs": []}', "exactly one"),
-    (b'{"instances": []}', "non-empty"),
-    (b'{"signature_name": "x", "instances": [[[0]]]}', "signature"),
-    (b'{"inputs": {"image": []}}', '"pixels"'),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{oops", "malformed JSON"),
+        (b"[]", "JSON object"),
+        (b'{"instances": [], "inputs": []}', "exactly one"),
+        (b'{"instances": []}', "non-empty"),
+        (b'{"signature_name": "x", "instances": [[[0]]]}', "signature"),
+        (b'{"inputs": {"image": []}}', '"pixels"'),
+    ],
+)
 def test_rest_bad_bodies_name_the_problem(body, message):
     with pytest.raises(InputError, match=message):
         tfserving.parse_rest_predict(body, 10)

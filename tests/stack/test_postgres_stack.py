@@ -52,8 +52,11 @@ class TrackingServer:
 
     def as_user(self, user: str) -> dict[str, str]:
         """The environment a client signed in as ``user`` (pipeline, service, admin) runs with."""
-        password = self.secrets[{"pipeline": "MLFLOW_PIPELINE_PASSWORD", "service": "MLFLOW_SERVICE_PASSWORD",
-                                 "admin": "MLFLOW_AUTH_ADMIN_PASSWORD"}[user]]
+        password = self.secrets[
+            {"pipeline": "MLFLOW_PIPELINE_PASSWORD", "service": "MLFLOW_SERVICE_PASSWORD", "admin": "MLFLOW_AUTH_ADMIN_PASSWORD"}[
+                user
+            ]
+        ]
         return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
 
     def auth(self, user: str) -> tuple[str, str]:
@@ -67,12 +70,26 @@ def tracking_server(postgres_database, tmp_path_factory):
     port = free_port()
     home = tmp_path_factory.mktemp("mlflow")
     log_path = home / "mlflow.log"
-    secrets = {name: uuid.uuid4().hex for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
-                                                   "MLFLOW_PIPELINE_PASSWORD", "MLFLOW_SERVICE_PASSWORD")}
-    env = {"MLFLOW_BACKEND_STORE_URI": postgres_database, "MLFLOW_ARTIFACTS_DESTINATION": artifacts.as_uri(),
-                     "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1", "TMPDIR": str(home),
-                     "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port},127.0.0.1,localhost:{port}",
-                     "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{home / 'basic_auth.db'}", **secrets}
+    secrets = {
+        name: uuid.uuid4().hex
+        for name in (
+            "MLFLOW_AUTH_ADMIN_PASSWORD",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY",
+            "MLFLOW_PIPELINE_PASSWORD",
+            "MLFLOW_SERVICE_PASSWORD",
+        )
+    }
+    env = {
+        "MLFLOW_BACKEND_STORE_URI": postgres_database,
+        "MLFLOW_ARTIFACTS_DESTINATION": artifacts.as_uri(),
+        "MLFLOW_HOST": "127.0.0.1",
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_WORKERS": "1",
+        "TMPDIR": str(home),
+        "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port},127.0.0.1,localhost:{port}",
+        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{home / 'basic_auth.db'}",
+        **secrets,
+    }
     server = start_process(["sh", str(REPO_ROOT / "mlflow" / "start.sh")], f"http://127.0.0.1:{port}", "/health", log_path, env)
     try:
         assert server.process.poll() is None, server.log()[-3000:]
@@ -94,14 +111,18 @@ def test_server_refuses_host_names_it_does_not_list(tracking_server):
     reader = tracking_server.auth("service")
     assert requests.get(search, auth=reader, timeout=10).status_code == 200
     assert requests.get(search, auth=reader, headers={"Host": "elsewhere.example:5000"}, timeout=10).status_code == 403
-    assert requests.get(f"{tracking_server.url}/health", headers={"Host": "elsewhere.example:5000"}, timeout=10).status_code == 200
+    assert (
+        requests.get(f"{tracking_server.url}/health", headers={"Host": "elsewhere.example:5000"}, timeout=10).status_code == 200
+    )
 
 
 def test_anonymous_and_wrong_password_requests_are_rejected(tracking_server):
     api = f"{tracking_server.url}/api/2.0/mlflow"
-    writes = [("post", "experiments/create", {"json": {"name": "intruder"}}),
-              ("post", "registered-models/alias", {"json": {"name": "mnist-cnn", "alias": "champion", "version": "1"}}),
-              ("delete", "registered-models/delete", {"json": {"name": "mnist-cnn"}})]
+    writes = [
+        ("post", "experiments/create", {"json": {"name": "intruder"}}),
+        ("post", "registered-models/alias", {"json": {"name": "mnist-cnn", "alias": "champion", "version": "1"}}),
+        ("delete", "registered-models/delete", {"json": {"name": "mnist-cnn"}}),
+    ]
     for method, path, kwargs in writes:
         for auth in (None, ("pipeline", "wrong-password"), ("admin", "wrong-password"), ("nobody", "x")):
             answer = getattr(requests, method)(f"{api}/{path}", auth=auth, timeout=10, **kwargs)
@@ -120,9 +141,23 @@ def test_no_secret_shows_on_a_command_line(tracking_server, postgres_database):
 
 def test_train_register_promote_and_serve_through_the_tracking_server(tracking_server, tmp_path, sample):
     env = tracking_server.as_user("pipeline")
-    trained = run_pipeline(["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1",
-                            "--set", "registry.accuracy_floor=0.1", "--set", f"export.base_dir={tmp_path / 'exports'}"],
-                           env, tmp_path)
+    trained = run_pipeline(
+        [
+            "train",
+            "--config",
+            "seed",
+            "--data",
+            str(SAMPLE_NPZ),
+            "--set",
+            "epochs=1",
+            "--set",
+            "registry.accuracy_floor=0.1",
+            "--set",
+            f"export.base_dir={tmp_path / 'exports'}",
+        ],
+        env,
+        tmp_path,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     result = last_json_line(trained.stdout)
     assert result["promoted"] is True
@@ -146,12 +181,17 @@ def test_the_service_user_reads_but_cannot_move_the_champion_or_delete(tracking_
     """After the training above: the read-only user can resolve the champion, not change the registry."""
     api = f"{tracking_server.url}/api/2.0/mlflow"
     reader = tracking_server.auth("service")
-    found = requests.get(f"{api}/registered-models/alias", params={"name": "mnist-cnn", "alias": "champion"},
-                         auth=reader, timeout=10)
+    found = requests.get(
+        f"{api}/registered-models/alias", params={"name": "mnist-cnn", "alias": "champion"}, auth=reader, timeout=10
+    )
     assert found.status_code == 200, found.text
     version = found.json()["model_version"]["version"]
-    moved = requests.post(f"{api}/registered-models/alias", auth=reader, timeout=10,
-                          json={"name": "mnist-cnn", "alias": "champion", "version": version})
+    moved = requests.post(
+        f"{api}/registered-models/alias",
+        auth=reader,
+        timeout=10,
+        json={"name": "mnist-cnn", "alias": "champion", "version": version},
+    )
     assert moved.status_code == 403, moved.text
     deleted = requests.delete(f"{api}/registered-models/delete", auth=reader, json={"name": "mnist-cnn"}, timeout=10)
     assert deleted.status_code == 403, deleted.text
