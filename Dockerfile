@@ -4,7 +4,7 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TF_CPP_MIN_LOG_LEVEL=2
 RUN apt-get update && apt-get install -y --no-install-recommends curl git && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 app
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md contract.py quiet.py ./
 COPY pipeline ./pipeline
 COPY service ./service
 RUN pip install .

@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
+import quiet
 from contract import CHAMPION, REGISTERED_MODEL, registry_uri
-from pipeline import quiet
 
 DEFAULT_CONFIG = "champion"
 

@@ -101,9 +101,10 @@ def plan(cfg: PipelineConfig, train_images: int) -> str:
     )
     if cfg.estimate.images_per_s:
         expected = tcfg.epochs * train_images / cfg.estimate.images_per_s
+        roughly = f"{round(expected / 60)} min" if expected >= 90 else f"{max(5, round(expected / 5) * 5)} s"
         line += (
-            f"; expect about {duration(expected)} of training on {cfg.estimate.measured_on} "
-            f"({cfg.estimate.images_per_s:,.0f} images/s there); an ETA follows each epoch"
+            f"; expect about {roughly} of training on {cfg.estimate.measured_on} "
+            f"({cfg.estimate.images_per_s:,.0f} images/s there; a busy machine is slower), and an ETA after each epoch"
         )
     return line
 

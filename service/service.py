@@ -15,12 +15,15 @@ import sys
 
 import bentoml
 
-from service import edge, http
-from service.core import ServingCore
-from service.grpc_api import GrpcFront
-from service.metrics import PrometheusBatchObserver
-from service.runtime import ModelLoadError, ModelRuntime
-from service.settings import SETTINGS
+import quiet
+
+quiet.import_tensorflow()  # before anything else imports it: without its start-up noise
+from service import edge, http  # noqa: E402
+from service.core import ServingCore  # noqa: E402
+from service.grpc_api import GrpcFront  # noqa: E402
+from service.metrics import PrometheusBatchObserver  # noqa: E402
+from service.runtime import ModelLoadError, ModelRuntime  # noqa: E402
+from service.settings import SETTINGS  # noqa: E402
 
 if SETTINGS.batcher == "bentoml":
     from service.bentoml_batching import RequestLimits, predict_api

@@ -60,3 +60,16 @@ def test_invalid_yaml_file(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(path))
+
+
+def test_the_plan_line_says_what_training_does_and_how_long_it_should_take():
+    from pipeline.job import plan
+
+    cfg = load_config("champion", ["epochs=2", "estimate.images_per_s=850"])
+    line = plan(cfg, 8500)  # 2 epochs x 8,500 images at 850 images/s = 20 s
+    assert "up to 2 epochs on 8,500 images (batch 128)" in line and "expect about 20 s of training" in line
+    assert "expect" not in plan(load_config("champion", ["estimate.images_per_s=null"]), 8500)
+
+
+def test_the_estimate_is_not_logged_as_a_hyperparameter():
+    assert not [key for key in load_config("champion").flat() if key.startswith("estimate")]

@@ -182,7 +182,17 @@ def test_concurrent_single_image_requests_are_batched_and_all_correct(service, t
     assert calls - single > 0, "no model call held more than one image"
 
 
-def test_hot_reload_under_http_tf_rest_and_grpc_load_fails_nothing_and_mixes_no_versions(service, trained_registry, sample):
+def test_hot_reload_under_http_tf_rest_and_grpc_load_fails_nothing_and_mixes_no_versions(trained_registry, sample, tmp_path):
+    registry = trained_registry.copy(tmp_path / "store")  # this test trains, promotes and moves the champion back
+    service = start_service({**registry.env, "MODEL_POLL_SECONDS": "1", "ADMIN_TOKEN": ADMIN_TOKEN}, tmp_path / "service.log")
+    try:
+        hot_reload_under_load(service, registry, sample)
+    finally:
+        stop_service(service)
+
+
+def hot_reload_under_load(service, registry, sample) -> None:
+    assert service.process.poll() is None, service.log()[-3000:]
     before = served_version(service)
     trained = run_pipeline(
         [
@@ -196,10 +206,10 @@ def test_hot_reload_under_http_tf_rest_and_grpc_load_fails_nothing_and_mixes_no_
             "--set",
             "registry.accuracy_floor=1.0",
             "--set",
-            f"export.base_dir={trained_registry.workdir / 'exports'}",
+            f"export.base_dir={registry.workdir / 'exports'}",
         ],
-        trained_registry.env,
-        trained_registry.workdir,
+        registry.env,
+        registry.workdir,
     )
     assert trained.returncode == 0, trained.stderr[-2000:]
     new_version = last_json_line(trained.stdout)["model_version"]
@@ -244,7 +254,7 @@ def test_hot_reload_under_http_tf_rest_and_grpc_load_fails_nothing_and_mixes_no_
         thread.start()
     try:
         time.sleep(1)
-        promoted = run_pipeline(["promote", new_version], trained_registry.env, trained_registry.workdir)
+        promoted = run_pipeline(["promote", new_version], registry.env, registry.workdir)
         assert promoted.returncode == 0, promoted.stderr
         deadline = time.monotonic() + 60
         while served_version(service) != new_version and time.monotonic() < deadline:
@@ -261,11 +271,11 @@ def test_hot_reload_under_http_tf_rest_and_grpc_load_fails_nothing_and_mixes_no_
         assert set(versions[:switch]) <= {before} and set(versions[switch:]) <= {new_version}
 
     answer = requests.post(f"{service.url}/predict", json=sample["x_test"][:8].tolist(), timeout=30).json()
-    expected = saved_model_probabilities(trained_registry, new_version, sample["x_test"][:8])
+    expected = saved_model_probabilities(registry, new_version, sample["x_test"][:8])
     np.testing.assert_allclose([p["probabilities"] for p in answer], expected, atol=1e-5)
 
     # back by hand, through the guarded admin endpoint
-    assert run_pipeline(["promote", before], trained_registry.env, trained_registry.workdir).returncode == 0
+    assert run_pipeline(["promote", before], registry.env, registry.workdir).returncode == 0
     assert requests.post(f"{service.url}/admin/reload", timeout=30).status_code == 401
     assert requests.post(f"{service.url}/admin/reload", headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
     reloaded = requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60)

@@ -1,4 +1,5 @@
-"""Import TensorFlow without the start-up noise a newcomer reads as failures.
+"""Import TensorFlow without the start-up noise a newcomer reads as failures (the pipeline's CLI and the
+service both start with :func:`import_tensorflow`).
 
 On a machine without a GPU, importing TensorFlow prints "Could not find cuda drivers" twice (each after
 an absl banner) and its first device query a ``failed call to cuInit`` line marked E (error). They
