@@ -36,6 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from contract import SERVABLE_NAME, SIGNATURE  # noqa: E402
 from service.launcher import free_port, start_mlflow_models_serve, start_service, stop_process, stop_service  # noqa: E402
 
 SAMPLE_NPZ = REPO / "tests" / "fixtures" / "mnist-sample.npz"
@@ -129,8 +130,8 @@ def grpc_frame(pixels: np.ndarray) -> bytes:
     from tensorflow_serving.apis import predict_pb2
 
     request = predict_pb2.PredictRequest()
-    request.model_spec.name = "mnist"
-    tensor = request.inputs["pixels"]
+    request.model_spec.name = SERVABLE_NAME
+    tensor = request.inputs[SIGNATURE.input]
     tensor.dtype = 4  # DT_UINT8
     for size in pixels.shape:
         tensor.tensor_shape.dim.add().size = size

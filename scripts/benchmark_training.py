@@ -32,12 +32,13 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
 
+    from contract import EMBEDDED_DB
     from pipeline.config import load_config
     from pipeline.data import resolve_spec
     from pipeline.job import run_training
 
     workdir = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / EMBEDDED_DB}")
     rows, ok = [], True
     for name in args.configs:
         cfg = load_config(name, [f"export.base_dir={workdir / 'exports'}", *args.overrides])

@@ -19,6 +19,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from contract import SERVABLE_NAME  # noqa: E402
 from scripts.benchmark_serving import grpc_frame, h2load  # noqa: E402
 from service.launcher import free_port  # noqa: E402
 
@@ -31,7 +32,7 @@ def serve(port: int) -> None:
     class Constant(prediction_service_pb2_grpc.PredictionServiceServicer):
         async def Predict(self, request, context):  # noqa: N802 (the gRPC method's name)
             response = predict_pb2.PredictResponse()
-            response.model_spec.name = "mnist"
+            response.model_spec.name = SERVABLE_NAME
             return response
 
     async def main() -> None:

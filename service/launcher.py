@@ -110,83 +110,31 @@ def start_service(env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, ti
         **env,
     }
     grpc_port = int(env["GRPC_PORT"])
-    return start_process(
-        [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            "service:Digits",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--working-dir",
-            str(REPO_ROOT),
-        ],
-        f"http://127.0.0.1:{port}",
-        "/readyz",
-        log_path,
-        env,
-        cwd,
-        timeout,
-        f"127.0.0.1:{grpc_port}" if grpc_port else None,
-    )
+    command = [sys.executable, "-m", "bentoml", "serve", "service:Digits", "--working-dir", str(REPO_ROOT)]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port else None
+    return start_process(command, f"http://127.0.0.1:{port}", "/readyz", log_path, env, cwd, timeout, grpc_target)
 
 
 def start_mlflow_models_serve(
     model_uri: str, log_path: Path, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT, timeout: float = 180
 ) -> RunningProcess:
     """MLflow's own scoring server (``mlflow models serve``) for ``model_uri``, ready when ``/ping`` answers."""
-    port = free_port()
-    return start_process(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            model_uri,
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        f"http://127.0.0.1:{port}",
-        "/ping",
-        log_path,
-        env,
-        cwd,
-        timeout,
-    )
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    return _on_loopback(command, "/ping", log_path, env, cwd, timeout)
 
 
 def start_mlflow_server(
     backend_store_uri: str, log_path: Path, env: dict[str, str] | None = None, timeout: float = 120
 ) -> RunningProcess:
     """An MLflow tracking server on a free loopback port, ready when ``/health`` answers."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri, "--workers", "1"]
+    return _on_loopback(command, "/health", log_path, env, REPO_ROOT, timeout)
+
+
+def _on_loopback(
+    command: list[str], ready_path: str, log_path: Path, env: dict[str, str] | None, cwd: Path, timeout: float
+) -> RunningProcess:
     port = free_port()
-    return start_process(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            backend_store_uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        f"http://127.0.0.1:{port}",
-        "/health",
-        log_path,
-        env,
-        timeout=timeout,
-    )
+    url = f"http://127.0.0.1:{port}"
+    return start_process([*command, "--host", "127.0.0.1", "--port", str(port)], url, ready_path, log_path, env, cwd, timeout)

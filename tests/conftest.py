@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import SAMPLE_NPZ, TrainedRegistry, last_json_line, run_pipeline, store_env
+from tests.helpers import SAMPLE_NPZ, TrainedRegistry, last_json_line, run_pipeline, seed_training, store_env
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,21 +30,7 @@ def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> TrainedRegistr
     workdir = tmp_path_factory.mktemp("registry")
     env = store_env(workdir)
     proc = run_pipeline(
-        [
-            "train",
-            "--config",
-            "seed",
-            "--data",
-            str(SAMPLE_NPZ),
-            "--set",
-            "epochs=1",
-            "--set",
-            "training.log_every_n_steps=5",
-            "--set",
-            "registry.accuracy_floor=0.3",
-            "--set",
-            f"export.base_dir={workdir / 'exports'}",
-        ],
+        seed_training(workdir / "exports", "training.log_every_n_steps=5", "registry.accuracy_floor=0.3"),
         env,
         workdir,
     )

@@ -65,3 +65,22 @@ class TrainedRegistry:
             "export_path": str(destination / "exports" / self.export_path.relative_to(self.workdir / "exports")),
         }
         return TrainedRegistry(destination, env["MLFLOW_TRACKING_URI"], env, result, self.stdout)
+
+
+def seed_training(export_base: Path, *overrides: str, data: Path | str = SAMPLE_NPZ, epochs: int = 1) -> list[str]:
+    """``train`` arguments for the notebook's ``seed`` config on the committed sample, ``epochs`` long,
+    exporting under ``export_base``; each override is one ``--set key=value``."""
+    args = [
+        "train",
+        "--config",
+        "seed",
+        "--data",
+        str(data),
+        "--set",
+        f"epochs={epochs}",
+        "--set",
+        f"export.base_dir={export_base}",
+    ]
+    for override in overrides:
+        args += ["--set", override]
+    return args

@@ -3,37 +3,28 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from service.launcher import REPO_ROOT, child_env, start_service, stop_service
+from service.launcher import REPO_ROOT, RunningService, child_env, start_service, stop_service
 
 pytestmark = pytest.mark.slow
+
+
+def run_smoke(service: RunningService, out: Path, *python_args: str) -> subprocess.CompletedProcess:
+    """``python -m loadtests.run smoke`` against ``service`` (``python_args`` replace ``-m loadtests.run``)."""
+    command = [sys.executable, *(python_args or ("-m", "loadtests.run")), "smoke", "--host", service.url]
+    command += ["--grpc-target", service.grpc_target, "--out", str(out)]
+    env = child_env({"LOAD_MIN_CORRECT": "0"})
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_smoke_profile_passes_against_the_real_service(trained_registry, tmp_path):
     service = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
     try:
         assert service.process.poll() is None, service.log()[-3000:]
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "loadtests.run",
-                "smoke",
-                "--host",
-                service.url,
-                "--grpc-target",
-                service.grpc_target,
-                "--out",
-                str(tmp_path),
-            ],
-            cwd=REPO_ROOT,
-            env=child_env({"LOAD_MIN_CORRECT": "0"}),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        run = run_smoke(service, tmp_path)
     finally:
         stop_service(service)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -46,29 +37,13 @@ def test_smoke_profile_passes_against_the_real_service(trained_registry, tmp_pat
 
 
 def test_a_broken_slo_fails_the_run_and_says_which(trained_registry, tmp_path):
-    profiles = tmp_path / "profiles"
     service = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
+    unmeetable = (
+        "import sys, loadtests.run as r; p = r.load_profiles(); p['smoke']['slo']['min_rps'] = 10**9; "
+        "r.load_profiles = lambda: p; sys.exit(r.main(sys.argv[1:]))"
+    )
     try:
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import sys, loadtests.run as r; p = r.load_profiles(); p['smoke']['slo']['min_rps'] = 10**9; "
-                "r.load_profiles = lambda: p; sys.exit(r.main(sys.argv[1:]))",
-                "smoke",
-                "--host",
-                service.url,
-                "--grpc-target",
-                service.grpc_target,
-                "--out",
-                str(profiles),
-            ],
-            cwd=REPO_ROOT,
-            env=child_env({"LOAD_MIN_CORRECT": "0"}),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        run = run_smoke(service, tmp_path / "profiles", "-c", unmeetable)
     finally:
         stop_service(service)
     assert run.returncode == 1

@@ -18,7 +18,7 @@ import mlflow
 from contract import registry_uri
 from mlflow import MlflowClient
 from service.launcher import child_env, start_mlflow_models_serve, stop_process
-from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline, store_env
+from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline, seed_training, store_env
 
 pytestmark = pytest.mark.slow
 
@@ -119,19 +119,7 @@ def test_gate_keeps_champion_then_evaluate_and_promote_by_hand(trained_registry,
     registry = trained_registry.copy(tmp_path / "store")  # this test moves the champion
     env, cwd = registry.env, registry.workdir
     proc = run_pipeline(
-        [
-            "train",
-            "--config",
-            "seed",
-            "--data",
-            str(SAMPLE_NPZ),
-            "--set",
-            "epochs=1",
-            "--set",
-            "registry.accuracy_floor=0.999",
-            "--set",
-            f"export.base_dir={cwd / 'exports'}",
-        ],
+        seed_training(cwd / "exports", "registry.accuracy_floor=0.999"),
         env,
         cwd,
     )
@@ -170,15 +158,7 @@ def assert_failed_and_nothing_registered(env: dict[str, str], exports: Path) -> 
 def test_bad_data_fails_the_run_with_a_clear_error(tmp_path):
     env = store_env(tmp_path)
     proc = run_pipeline(
-        [
-            "train",
-            "--config",
-            "seed",
-            "--data",
-            str(tmp_path / "missing.npz"),
-            "--set",
-            f"export.base_dir={tmp_path / 'exports'}",
-        ],
+        seed_training(tmp_path / "exports", data=str(tmp_path / "missing.npz")),
         env,
         tmp_path,
     )
@@ -192,7 +172,7 @@ def test_failure_at_export_leaves_no_export_and_registers_nothing(tmp_path):
     blocker = tmp_path / "exports"
     blocker.write_text("a file where the export directory should go")
     proc = run_pipeline(
-        ["train", "--config", "seed", "--data", str(SAMPLE_NPZ), "--set", "epochs=1", "--set", f"export.base_dir={blocker}"],
+        seed_training(blocker),
         env,
         tmp_path,
     )
@@ -205,21 +185,7 @@ def test_failure_at_export_leaves_no_export_and_registers_nothing(tmp_path):
 def test_ctrl_c_marks_the_run_failed(tmp_path):
     env = child_env(store_env(tmp_path))
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-u",
-            "-m",
-            "pipeline",
-            "train",
-            "--config",
-            "seed",
-            "--data",
-            str(SAMPLE_NPZ),
-            "--set",
-            "epochs=200",
-            "--set",
-            f"export.base_dir={tmp_path / 'exports'}",
-        ],
+        [sys.executable, "-u", "-m", "pipeline", *seed_training(tmp_path / "exports", epochs=200)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -241,23 +207,7 @@ def test_ctrl_c_marks_the_run_failed(tmp_path):
 
 def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path):
     proc = run_pipeline(
-        [
-            "train",
-            "--config",
-            "seed",
-            "--data",
-            str(SAMPLE_NPZ),
-            "--set",
-            "epochs=1",
-            "--set",
-            "training.strategy=mirrored",
-            "--set",
-            "training.logical_cpus=2",
-            "--set",
-            "registry.accuracy_floor=0",
-            "--set",
-            f"export.base_dir={tmp_path / 'exports'}",
-        ],
+        seed_training(tmp_path / "exports", "training.strategy=mirrored", "training.logical_cpus=2", "registry.accuracy_floor=0"),
         store_env(tmp_path),
         tmp_path,
     )

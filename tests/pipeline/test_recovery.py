@@ -15,7 +15,7 @@ import pytest
 import mlflow
 from mlflow import MlflowClient
 from service.launcher import child_env
-from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline
+from tests.helpers import last_json_line, run_pipeline, seed_training
 
 pytestmark = pytest.mark.slow
 NAME = "mnist-cnn"
@@ -42,22 +42,7 @@ def _env(root: Path, **extra: str) -> dict[str, str]:
 
 
 def _train_args(root: Path, *sets: str) -> list[str]:
-    args = [
-        "train",
-        "--config",
-        "seed",
-        "--data",
-        str(SAMPLE_NPZ),
-        "--set",
-        "epochs=1",
-        "--set",
-        "registry.accuracy_floor=0.1",
-        "--set",
-        f"export.base_dir={root / 'exports'}",
-    ]
-    for value in sets:
-        args += ["--set", value]
-    return args
+    return seed_training(root / "exports", "registry.accuracy_floor=0.1", *sets)
 
 
 def _start(root: Path, pause_at: str | None, *sets: str) -> subprocess.Popen:

@@ -18,7 +18,7 @@ from PIL import Image
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from service.launcher import start_service, stop_service
-from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline
+from tests.helpers import last_json_line, run_pipeline, seed_training
 from tests.service.helpers import ADMIN_TOKEN, batch_histogram, predict_request, saved_model_probabilities, served_version
 
 pytestmark = pytest.mark.slow
@@ -195,19 +195,7 @@ def hot_reload_under_load(service, registry, sample) -> None:
     assert service.process.poll() is None, service.log()[-3000:]
     before = served_version(service)
     trained = run_pipeline(
-        [
-            "train",
-            "--config",
-            "seed",
-            "--data",
-            str(SAMPLE_NPZ),
-            "--set",
-            "epochs=1",
-            "--set",
-            "registry.accuracy_floor=1.0",
-            "--set",
-            f"export.base_dir={registry.workdir / 'exports'}",
-        ],
+        seed_training(registry.workdir / "exports", "registry.accuracy_floor=1.0"),
         registry.env,
         registry.workdir,
     )

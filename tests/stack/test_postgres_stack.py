@@ -20,7 +20,7 @@ import tensorflow as tf
 import yaml
 
 from service.launcher import REPO_ROOT, free_port, start_process, start_service, stop_process, stop_service
-from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline
+from tests.helpers import last_json_line, run_pipeline, seed_training
 
 pytestmark = pytest.mark.slow
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -142,19 +142,7 @@ def test_no_secret_shows_on_a_command_line(tracking_server, postgres_database):
 def test_train_register_promote_and_serve_through_the_tracking_server(tracking_server, tmp_path, sample):
     env = tracking_server.as_user("pipeline")
     trained = run_pipeline(
-        [
-            "train",
-            "--config",
-            "seed",
-            "--data",
-            str(SAMPLE_NPZ),
-            "--set",
-            "epochs=1",
-            "--set",
-            "registry.accuracy_floor=0.1",
-            "--set",
-            f"export.base_dir={tmp_path / 'exports'}",
-        ],
+        seed_training(tmp_path / "exports", "registry.accuracy_floor=0.1"),
         env,
         tmp_path,
     )
