@@ -62,4 +62,4 @@ format: install-dev
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) mlflow.db mlartifacts exports
+	rm -rf $(VENV) mlflow.db mlartifacts exports optuna.db

@@ -1,10 +1,11 @@
-"""``python -m pipeline train | evaluate | promote | recover`` — a thin layer over the pipeline's modules."""
+"""``python -m pipeline train | evaluate | promote | recover | tune`` — a thin layer over the pipeline's modules."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import quiet
 from contract import CHAMPION, REGISTERED_MODEL, registry_uri
@@ -106,6 +107,43 @@ def _parser() -> argparse.ArgumentParser:
         help="a run from another host is dead after this long without a heartbeat [600]",
     )
     recover.set_defaults(handler=_recover)
+
+    tune = sub.add_parser(
+        "tune",
+        help="search hyperparameters (Optuna) for the best accuracy per unit of serving cost",
+        description="Run an Optuna study over a search space: each trial trains a config drawn from it, as a nested "
+        "MLflow run, and is scored on validation accuracy and ms/image through its exported signature. The study "
+        "lives in a database: run the same command again to resume it, or several at once to share its trials.",
+    )
+    tune.add_argument(
+        "--space", default="champion", help="search space: a YAML file or a name under pipeline/configs/search/ [champion]"
+    )
+    tune.add_argument("--config", help="the config trials start from [the space's base, else champion]")
+    tune.add_argument("--trials", type=int, required=True, help="finished (complete or pruned) trials the study should hold")
+    tune.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
+    tune.add_argument("--study", help="study name [the space file's name]")
+    tune.add_argument("--storage", help="study database URL [$OPTUNA_STORAGE, else optuna.db beside the MLflow store]")
+    tune.add_argument("--data", help="as for train")
+    tune.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="fix a value for every trial"
+    )
+    tune.add_argument(
+        "--objective",
+        choices=["accuracy-cost", "accuracy"],
+        default="accuracy-cost",
+        help="accuracy-cost: a Pareto front of validation accuracy and ms/image; accuracy: accuracy alone [accuracy-cost]",
+    )
+    tune.add_argument("--seed", type=int, help="seed the sampler (reproducible suggestions)")
+    tune.add_argument(
+        "--promote-best",
+        action="store_true",
+        help="then train the most accurate Pareto trial through the normal job (export, registry, gate)",
+    )
+    tune.add_argument("--max-ms-per-image", type=float, help="with --promote-best: only trials within this serving cost")
+    tune.add_argument(
+        "--write-config", type=Path, help="where --promote-best writes the chosen config [tuned/<study>-trial-<n>.yaml]"
+    )
+    tune.set_defaults(handler=_tune)
     return parser
 
 
@@ -156,6 +194,63 @@ def _promote(args: argparse.Namespace) -> int:
     register.promote(args.name, args.version, args.alias)
     print(f"{args.name}@{args.alias} -> version {args.version}")
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from pipeline import tune
+    from pipeline.config import load_config
+    from pipeline.data import resolve_spec
+    from pipeline.errors import ConfigError
+    from pipeline.search_space import load_space
+    from pipeline.stop import StopSignals
+
+    if args.trials < 1:
+        raise ConfigError("--trials must be at least 1")
+    StopSignals().install()  # SIGTERM as Ctrl-C: the running trial fails, the finished ones stay
+    space = load_space(args.space)
+    config = args.config or space.base or DEFAULT_CONFIG
+    space.check_against(config, args.overrides)
+    study = tune.Study(
+        name=args.study or space.path.stem,
+        storage=args.storage or tune.default_storage(),
+        config=config,
+        space=space,
+        overrides=args.overrides,
+        objective=args.objective,
+        seed=args.seed,
+    )
+    base = load_config(config, args.overrides)
+    spec = resolve_spec(args.data, base.data.source, base.data.path)
+    try:
+        opened = tune.run_study(study, args.trials, spec, args.timeout)
+    except KeyboardInterrupt as exc:
+        finished = len(opened_trials(study))
+        print(
+            f"interrupted ({exc or 'SIGINT'}): the running trial is marked FAILED; {finished} finished trial(s) stay in "
+            f"study {study.name}, and the same command resumes it",
+            file=sys.stderr,
+        )
+        return 143 if "SIGTERM" in str(exc) else 130
+    if not args.promote_best:
+        return 0
+    chosen = tune.choose(opened, args.max_ms_per_image)
+    path = tune.write_config(
+        tune.trial_config(chosen, study.name), args.write_config or Path("tuned") / f"{study.name}-trial-{chosen.number}.yaml"
+    )
+    print(f"promote-best: trial {chosen.number} (val_accuracy {chosen.values[0]:.4f}); config written to {path}; training it")
+    command = [sys.executable, "-m", "pipeline", "train", "--config", str(path), *(["--data", args.data] if args.data else [])]
+    return subprocess.run(command).returncode
+
+
+def opened_trials(study) -> list:
+    """The finished trials of ``study`` as stored (after an interruption)."""
+    import optuna
+
+    from pipeline.tune import FINISHED, sqlalchemy_url
+
+    return optuna.load_study(study_name=study.name, storage=sqlalchemy_url(study.storage)).get_trials(states=FINISHED)
 
 
 def _recover(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,6 +42,7 @@ class ModelConfig(_Strict):
     conv_blocks: list[ConvBlock] = Field(min_length=1)
     batch_norm: bool = False
     conv_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    global_pooling: bool = False  # global average pooling instead of flattening the last feature maps
     dense_units: list[int] = []
     dense_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
@@ -89,17 +90,38 @@ class PipelineConfig(_Strict):
     registry: RegistryConfig = RegistryConfig()
     estimate: EstimateConfig = EstimateConfig()
 
+    def to_yaml(self) -> str:
+        """The resolved config as a config file: reviewable, committable, loadable by path."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
     def flat(self) -> dict[str, Any]:
         """The resolved hyperparameters as ``section.key`` -> value, for MLflow params (not the estimate)."""
         return _flatten(self.model_dump(mode="json", exclude={"estimate"}))
+
+
+def config_keys(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> set[str]:
+    """Every setting's dotted key (``training.learning_rate``); a list of sections (``model.conv_blocks``)
+    is one setting."""
+    keys: set[str] = set()
+    for name, info in model.model_fields.items():
+        candidates = (
+            (info.annotation,) if get_origin(info.annotation) is list else get_args(info.annotation) or (info.annotation,)
+        )
+        sections = [t for t in candidates if isinstance(t, type) and issubclass(t, BaseModel)]
+        if sections:
+            keys |= config_keys(sections[0], f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
 
 
 def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a named config (``seed``, ``champion``) or a YAML path and apply ``key=value`` overrides.
+def load_config(name_or_path: str, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a named config (``seed``, ``champion``) or a YAML path, apply ``key=value`` overrides, then
+    ``values`` (dotted path -> value, as a hyperparameter search sets them).
 
     An override key is a dotted path (``training.epochs=3``) or, when unambiguous, a bare leaf
     name (``epochs=3``). Values are parsed as YAML (``3``, ``0.5``, ``null``, ``[64, 32]``).
@@ -119,6 +141,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Pipeli
         raise ConfigError(f"config {path} must be a mapping of sections")
     for override in overrides or []:
         _apply_override(raw, override)
+    for key, value in (values or {}).items():
+        _set(raw, key.split("."), value)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
@@ -135,14 +159,17 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError:
         value = value_text
-    path = key.split(".") if "." in key else _resolve_leaf(raw, key)
+    _set(raw, key.split(".") if "." in key else _resolve_leaf(raw, key), value)
+
+
+def _set(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node = raw
     for part in path[:-1]:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            raise ConfigError(f"setting {'.'.join(path)!r}: {part!r} is not a section")
         node = child
     node[path[-1]] = value
 

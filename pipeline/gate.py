@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from contract import CHAMPION
-from mlflow import MlflowClient
 from pipeline import register
 from pipeline.errors import GateBusy
 

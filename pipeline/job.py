@@ -19,8 +19,8 @@ from pathlib import Path
 
 import keras
 import matplotlib.pyplot as plt
-
 import mlflow
+
 from contract import CHALLENGER, CHAMPION, TEST_ACCURACY_TAG, registry_uri
 from pipeline import data as data_module
 from pipeline import evaluate, export, recover, register, tracking

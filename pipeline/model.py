@@ -51,7 +51,7 @@ def build_model(cfg: ModelConfig) -> keras.Model:
         if cfg.conv_dropout:
             x = layers.Dropout(cfg.conv_dropout, name=f"pool{i}_dropout")(x)
 
-    x = layers.Flatten(name="flatten")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x) if cfg.global_pooling else layers.Flatten(name="flatten")(x)
     for k, units in enumerate(cfg.dense_units, start=1):
         x = layers.Dense(units, use_bias=not cfg.batch_norm, name=f"dense{k}")(x)
         if cfg.batch_norm:

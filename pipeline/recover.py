@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from contract import CHAMPION, servable_dir
-from mlflow import MlflowClient
 from pipeline import export, gate, register, tracking
 
 PREVIOUS_CHAMPION_TAG = "gate_previous_champion"

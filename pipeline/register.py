@@ -6,15 +6,15 @@ import tempfile
 from pathlib import Path
 
 import keras
+import mlflow
 import numpy as np
+from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-import mlflow
 from contract import CHALLENGER, CHAMPION, IMAGE_SHAPE, NUM_CLASSES, SAVED_MODEL_ARTIFACT, SIGNATURE
-from mlflow import MlflowClient
 
 MODEL_DESCRIPTION = (
     "Handwritten digit classifier (Keras CNN on MNIST). Each version is a keras-flavor MLflow model that also "

@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-import mlflow
 from contract import EMBEDDED_ARTIFACTS, sqlite_path, tracking_uri
-from mlflow import MlflowClient
 from pipeline.errors import StoreMissing
 
 

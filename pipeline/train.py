@@ -5,15 +5,15 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import keras
+import mlflow
 import mlflow.keras
 import numpy as np
 import tensorflow as tf
 
-import mlflow
 from contract import NUM_CLASSES
 from pipeline.config import PipelineConfig, TrainingConfig
 from pipeline.data import Splits
@@ -173,7 +173,14 @@ class StopOnSignal(keras.callbacks.Callback):
             raise KeyboardInterrupt(f"training stopped by {signal.Signals(self.received).name}")
 
 
-def train(cfg: PipelineConfig, splits: Splits, say: Callable[[str], None] = print) -> TrainResult:
+def train(
+    cfg: PipelineConfig,
+    splits: Splits,
+    say: Callable[[str], None] = print,
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> TrainResult:
+    """Fit ``cfg``'s model on ``splits`` inside the active MLflow run (per-epoch metrics go there);
+    ``extra_callbacks`` run with the job's own (a hyperparameter search passes its pruner)."""
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -187,6 +194,7 @@ def train(cfg: PipelineConfig, splits: Splits, say: Callable[[str], None] = prin
     callbacks: list[keras.callbacks.Callback] = [
         MlflowMetrics(tcfg.log_every_n_steps),
         EpochProgress(tcfg.epochs, steps_per_epoch, say),
+        *extra_callbacks,
         StopOnSignal(),
     ]
     if tcfg.early_stopping_patience:

@@ -164,9 +164,8 @@ class ModelRuntime:
                 return resolve_local(Path(uri.removeprefix("file://")))
             raise ModelLoadError(f"MODEL_URI {uri!r}: use models:/<name>@<alias>, models:/<name>/<version> or a local directory")
         _bound_registry_calls(self.registry_timeout_s)
-        from mlflow.exceptions import MlflowException
-
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         store = sqlite_path(self.tracking_uri)
         if store is not None and not store.is_file():

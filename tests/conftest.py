@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import numpy as np
 import pytest
@@ -36,3 +37,23 @@ def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> TrainedRegistr
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return TrainedRegistry(workdir, env["MLFLOW_TRACKING_URI"], env, last_json_line(proc.stdout), proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def postgres_database() -> str:
+    """A fresh PostgreSQL database on ``$TEST_POSTGRES_URL``'s server (``.ci/run`` starts one), dropped
+    afterwards; skips, saying why, when no server answers."""
+    psycopg = pytest.importorskip("psycopg")
+    admin_url = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        admin = psycopg.connect(admin_url, connect_timeout=5, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server at {admin_url} (set TEST_POSTGRES_URL; .ci/run starts one): {exc}".strip())
+    name = f"test_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = admin_url.rpartition("/")
+    yield f"{base}/{name}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()

@@ -9,14 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-
-import mlflow
-from contract import registry_uri
 from mlflow import MlflowClient
+
+from contract import registry_uri
 from service.launcher import child_env, start_mlflow_models_serve, stop_process
 from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline, seed_training, store_env
 

@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import mlflow
+import pytest
 from mlflow import MlflowClient
+
 from service.launcher import child_env
 from tests.helpers import last_json_line, run_pipeline, seed_training
 

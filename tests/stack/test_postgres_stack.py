@@ -8,7 +8,6 @@ it); the test creates and drops its own database, and skips with the reason when
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass
 
@@ -23,25 +22,6 @@ from service.launcher import REPO_ROOT, free_port, start_process, start_service,
 from tests.helpers import last_json_line, run_pipeline, seed_training
 
 pytestmark = pytest.mark.slow
-DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture(scope="module")
-def postgres_database():
-    psycopg = pytest.importorskip("psycopg")
-    admin_url = os.environ.get("TEST_POSTGRES_URL", DEFAULT_URL)
-    try:
-        admin = psycopg.connect(admin_url, connect_timeout=5, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server at {admin_url} (set TEST_POSTGRES_URL; .ci/run starts one): {exc}".strip())
-    name = f"mlflow_test_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = admin_url.rpartition("/")
-    yield f"{base}/{name}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
 
 
 @dataclass(frozen=True)
@@ -186,3 +166,12 @@ def test_the_service_user_reads_but_cannot_move_the_champion_or_delete(tracking_
     promote = run_pipeline(["promote", version], tracking_server.as_user("service"), tmp_path)
     assert promote.returncode == 2 and "Permission denied" in promote.stderr and "Traceback" not in promote.stderr
     assert run_pipeline(["promote", version], tracking_server.as_user("pipeline"), tmp_path).returncode == 0
+
+
+def test_compose_tuners_share_one_study_in_its_own_postgres_database():
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    tuner, postgres = compose["services"]["tuner"], compose["services"]["postgres"]
+    assert tuner["command"][:4] == ["python", "-m", "pipeline", "tune"] and tuner["profiles"] == ["tune"]
+    assert tuner["environment"]["OPTUNA_STORAGE"].endswith("@postgres:5432/optuna")
+    init = [volume for volume in postgres["volumes"] if volume.endswith(":/docker-entrypoint-initdb.d:ro")]
+    assert init and "CREATE DATABASE optuna" in (REPO_ROOT / init[0].split(":")[0] / "optuna.sql").read_text()
