@@ -4,9 +4,10 @@ VENV ?= .venv
 CONFIG ?= champion
 PORT ?= 3000
 UI_PORT ?= 5000
+TRIALS ?= 40
 BIN := $(VENV)/bin
 
-.PHONY: run announce train serve draw ui test test-fast lint format install install-dev clean
+.PHONY: run announce train tune serve draw ui test test-fast lint format install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ announce:
 
 train:
 	$(BIN)/python -m pipeline train --config $(CONFIG)
+
+## make tune: a hyperparameter search of $(TRIALS) trials, an hour at most (python -m pipeline tune; README)
+tune: install
+	$(BIN)/python -m pipeline tune --space champion --trials $(TRIALS) --timeout 3600
 
 serve:
 	GRPC_HOST=$${GRPC_HOST:-$${HOST:-127.0.0.1}} $(BIN)/bentoml serve service:Digits --host $${HOST:-127.0.0.1} --port $(PORT)
