@@ -207,8 +207,13 @@ class ModelRuntime:
                 self._workdir = Path(tempfile.mkdtemp(prefix="digits-models-"))
             dst = self._workdir / f"v{source.version}-{time.monotonic_ns()}"
             try:
+                # Where the version's files are, then those files: MLflow 3.17 resolves a models:/ URI
+                # against the process-wide registry whatever registry_uri it is given, so the models:/ URI
+                # itself is only what clients see.
+                client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+                files = client.get_model_version_download_uri(source.name, source.version)
                 path = mlflow.artifacts.download_artifacts(
-                    source.location, dst_path=str(dst), tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
+                    f"{files.rstrip('/')}/{SAVED_MODEL_ARTIFACT}", dst_path=str(dst), tracking_uri=self.tracking_uri
                 )
             except Exception as exc:
                 shutil.rmtree(dst, ignore_errors=True)

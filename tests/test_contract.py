@@ -3,6 +3,7 @@ is found, loaded and called by the service's runtime using only the contract's n
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,8 +29,12 @@ def test_the_export_has_the_contracts_signature(trained_registry):
     }
 
 
-def test_the_service_finds_the_champion_by_the_contracts_names_and_predicts_what_the_export_does(trained_registry, sample):
+def test_the_service_finds_the_champion_by_the_contracts_names_and_predicts_what_the_export_does(
+    trained_registry, sample, tmp_path
+):
     images = sample["x_test"][:32]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # the runtime must not rely on the process-wide URI
     exported = tf.saved_model.load(str(trained_registry.export_path)).signatures[contract.SIGNATURE.name]
     expected = exported(**{contract.SIGNATURE.input: tf.constant(images)})[contract.SIGNATURE.probabilities].numpy()
     for model_uri in (contract.registry_uri(), str(contract.servable_dir(trained_registry.workdir / "exports"))):
@@ -45,3 +50,4 @@ def test_the_service_finds_the_champion_by_the_contracts_names_and_predicts_what
         np.testing.assert_array_equal(prediction.digits, expected.argmax(1))
         if model_uri.startswith("models:/"):  # the registry tag the service shows
             assert info.test_accuracy == pytest.approx(trained_registry.result["test_accuracy"], abs=1e-6)
+    mlflow.set_tracking_uri(previous)
