@@ -148,14 +148,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipeline import distributed
     from pipeline.config import load_config
     from pipeline.data import resolve_spec
-    from pipeline.job import run_training
+    from pipeline.job import run_training, run_worker
     from pipeline.stop import StopSignals
 
     stop = StopSignals().install()  # SIGTERM as Ctrl-C, and neither inside the commit
     cfg = load_config(args.config, args.overrides)
     spec = resolve_spec(args.data, cfg.data.source, cfg.data.path)
+    if cfg.training.strategy == "multi_worker" and not (cluster := distributed.cluster_from_env()).is_chief:
+        trained = run_worker(cfg, spec)
+        print(json.dumps({"task": cluster.task, "role": "worker", "epochs_run": trained.epochs_run}))
+        return 0
     result = run_training(cfg, spec, stop=stop)
     print(f"run id: {result.run_id}")
     print(f"model version: {result.model_version}")

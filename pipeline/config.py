@@ -56,7 +56,7 @@ class TrainingConfig(_Strict):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0)
-    strategy: Literal["default", "mirrored"] = "default"
+    strategy: Literal["default", "mirrored", "multi_worker"] = "default"  # multi_worker: the cluster in TF_CONFIG
     logical_cpus: int = Field(0, ge=0)
     inter_op_threads: int = Field(0, ge=0)
     log_every_n_steps: int = Field(50, gt=0)  # batch metrics in MLflow during an epoch

@@ -23,7 +23,7 @@ import mlflow
 
 from contract import CHALLENGER, CHAMPION, TEST_ACCURACY_TAG, registry_uri
 from pipeline import data as data_module
-from pipeline import evaluate, export, recover, register, tracking
+from pipeline import distributed, evaluate, export, recover, register, tracking
 from pipeline.config import PipelineConfig
 from pipeline.gate import GateDecision, GateOutcome, gate_and_promote
 from pipeline.model import model_input
@@ -54,6 +54,8 @@ def run_training(
     """The whole job in one MLflow run. ``stop`` (installed by the CLI) keeps signals out of the commit."""
     stop = stop or StopSignals()
     configure_devices(cfg.training)
+    if cfg.training.strategy == "multi_worker":
+        _join_cluster(say, chief=True)
     tracking.setup(cfg.registry.experiment, say)
     recover.recover(cfg.registry.model_name, cfg.registry.experiment, Path(cfg.export.base_dir), say=say)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
@@ -90,6 +92,29 @@ def run_training(
             _describe_failure(step, exc)
             mlflow.end_run("FAILED")
         raise
+
+
+def run_worker(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Callable[[str], None] = print) -> TrainResult:
+    """A non-chief worker of a multi-worker cluster: the same data and training as the chief, in
+    lockstep with it, and nothing else: no MLflow run, no export, no registry."""
+    configure_devices(cfg.training)
+    _join_cluster(say, chief=False)
+    data = data_module.load(data_spec)
+    say(f"data: {data_spec.describe()} train={len(data.x_train)} digest={data.digest}")
+    splits = data.split(cfg.data.validation_split, cfg.seed)
+    result = train(cfg, splits, say, track=False)
+    say(f"trained {result.epochs_run} epochs on {result.replicas} replica(s) in {result.wall_time_s:.1f}s")
+    say("done: the chief logs, exports and registers")
+    return result
+
+
+def _join_cluster(say: Callable[[str], None], chief: bool) -> distributed.Cluster:
+    """Join the cluster in ``TF_CONFIG`` before TensorFlow does anything else (its rule)."""
+    cluster = distributed.cluster_from_env()
+    role = "chief: logs, exports, registers" if chief else "trains only"
+    say(f"multi-worker: task {cluster.task} of {cluster.size} ({role}); waiting for the cluster")
+    distributed.multi_worker_strategy()
+    return cluster
 
 
 def plan(cfg: PipelineConfig, train_images: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from contract import NUM_CLASSES
+from pipeline import distributed
 from pipeline.config import PipelineConfig, TrainingConfig
 from pipeline.data import Splits
 from pipeline.model import build_model, compile_model, model_input
@@ -34,7 +36,9 @@ def _dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_se
     dataset = tf.data.Dataset.from_tensor_slices((model_input(images), keras.utils.to_categorical(labels, NUM_CLASSES)))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()  # several workers: each takes its share of every batch (in memory, not files)
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def configure_devices(cfg: TrainingConfig) -> None:
@@ -52,6 +56,8 @@ def make_strategy(cfg: TrainingConfig) -> tf.distribute.Strategy:
             return tf.distribute.MirroredStrategy()
         cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=cpus)
+    if cfg.strategy == "multi_worker":
+        return distributed.multi_worker_strategy()
     return tf.distribute.get_strategy()
 
 
@@ -178,8 +184,10 @@ def train(
     splits: Splits,
     say: Callable[[str], None] = print,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+    track: bool = True,
 ) -> TrainResult:
-    """Fit ``cfg``'s model on ``splits`` inside the active MLflow run (per-epoch metrics go there);
+    """Fit ``cfg``'s model on ``splits`` inside the active MLflow run (per-epoch metrics go there; with
+    ``track=False``, as on a multi-worker cluster's non-chief workers, nothing goes to MLflow);
     ``extra_callbacks`` run with the job's own (a hyperparameter search passes its pruner)."""
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
@@ -190,9 +198,13 @@ def train(
     with strategy.scope():
         model = build_model(cfg.model)
         compile_model(model, tcfg, steps_per_epoch)
+    multi_worker = tcfg.strategy == "multi_worker"
+    if multi_worker:
+        sample = (model_input(splits.x_train[:1]), keras.utils.to_categorical(splits.y_train[:1], NUM_CLASSES))
+        distributed.build_for_fit(model, sample)
 
     callbacks: list[keras.callbacks.Callback] = [
-        MlflowMetrics(tcfg.log_every_n_steps),
+        *([MlflowMetrics(tcfg.log_every_n_steps)] if track else []),
         EpochProgress(tcfg.epochs, steps_per_epoch, say),
         *extra_callbacks,
         StopOnSignal(),
@@ -210,13 +222,40 @@ def train(
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, verbose=1))
 
     started = time.perf_counter()
-    history = model.fit(
-        _dataset(splits.x_train, splits.y_train, tcfg.batch_size, shuffle_seed=cfg.seed),
-        validation_data=_dataset(splits.x_val, splits.y_val, tcfg.batch_size),
-        epochs=tcfg.epochs,
-        shuffle=False,  # the dataset reshuffles itself every epoch; Keras cannot shuffle a tf.data.Dataset
-        callbacks=callbacks,
-        verbose=0,  # EpochProgress reports
-    )
+    try:
+        history = model.fit(
+            _dataset(splits.x_train, splits.y_train, tcfg.batch_size, shuffle_seed=cfg.seed),
+            validation_data=_dataset(splits.x_val, splits.y_val, tcfg.batch_size),
+            epochs=tcfg.epochs,
+            shuffle=False,  # the dataset reshuffles itself every epoch; Keras cannot shuffle a tf.data.Dataset
+            callbacks=callbacks,
+            verbose=0,  # EpochProgress reports
+        )
+    except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError) as exc:
+        if not multi_worker:
+            raise
+        raise distributed.WorkerFailed(f"training cluster: {_cluster_failure(exc)}") from None
     wall_time = time.perf_counter() - started
+    if multi_worker:
+        model = _local_copy(cfg, model)
     return TrainResult(model, history.history, wall_time, len(history.epoch), strategy.num_replicas_in_sync)
+
+
+def _cluster_failure(exc: BaseException) -> str:
+    """What TensorFlow's cluster error says, in one line: which task went, and the cause (both sit
+    among a graph trace)."""
+    text = str(exc)
+    task = re.search(r"(?:reported from|remote target) /job:(\w+)(?:/replica:\d+)?/task:(\d+)", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    causes = [line for line in lines if "unhealthy" in line or "aborted" in line]
+    cause = (causes or lines or [type(exc).__name__])[0][:300]
+    who = f"task {task.group(1)}:{task.group(2)}" if task else "a worker"
+    return f"{who} stopped during training ({cause})"
+
+
+def _local_copy(cfg: PipelineConfig, model: keras.Model) -> keras.Model:
+    """The trained weights in a model of this process alone. The chief evaluates, plots and exports
+    after the other workers have gone; the multi-worker model would wait for them at every call."""
+    local = build_model(cfg.model)
+    local.set_weights(model.get_weights())
+    return local

@@ -10,6 +10,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+from mlflow import MlflowClient
+
 from contract import EMBEDDED_DB
 from service.launcher import child_env
 
@@ -84,3 +87,16 @@ def seed_training(export_base: Path, *overrides: str, data: Path | str = SAMPLE_
     for override in overrides:
         args += ["--set", override]
     return args
+
+
+def client_for(uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def assert_failed_and_nothing_registered(env: dict[str, str], exports: Path) -> None:
+    client = client_for(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    assert [run.info.status for run in runs] == ["FAILED"]
+    assert client.search_model_versions("name='mnist-cnn'") == []
+    assert not exports.exists() or not any(exports.rglob("saved_model.pb"))

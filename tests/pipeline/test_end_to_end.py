@@ -18,7 +18,15 @@ from mlflow import MlflowClient
 
 from contract import registry_uri
 from service.launcher import child_env, start_mlflow_models_serve, stop_process
-from tests.helpers import SAMPLE_NPZ, last_json_line, run_pipeline, seed_training, store_env
+from tests.helpers import (
+    SAMPLE_NPZ,
+    assert_failed_and_nothing_registered,
+    client_for,
+    last_json_line,
+    run_pipeline,
+    seed_training,
+    store_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +39,6 @@ ARTIFACTS = {
     "model_summary.txt",
     "classification_report.txt",
 }
-
-
-def client_for(uri: str) -> MlflowClient:
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -145,14 +148,6 @@ def test_gate_keeps_champion_then_evaluate_and_promote_by_hand(trained_registry,
     missing = run_pipeline(["promote", "99"], env, cwd)
     assert missing.returncode == 2 and "error" in missing.stderr and "Traceback" not in missing.stderr
     assert str(client.get_model_version_by_alias("mnist-cnn", "champion").version) == "2"
-
-
-def assert_failed_and_nothing_registered(env: dict[str, str], exports: Path) -> None:
-    client = client_for(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
-    assert [run.info.status for run in runs] == ["FAILED"]
-    assert client.search_model_versions("name='mnist-cnn'") == []
-    assert not exports.exists() or not any(exports.rglob("saved_model.pb"))
 
 
 def test_bad_data_fails_the_run_with_a_clear_error(tmp_path):

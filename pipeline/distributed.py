@@ -1,0 +1,118 @@
+"""Multi-worker training: the cluster from ``TF_CONFIG`` and TensorFlow's ``MultiWorkerMirroredStrategy``.
+
+Every worker runs the same command (``python -m pipeline train --set training.strategy=multi_worker``)
+with its own ``TF_CONFIG``, the variable Kubernetes operators and the Job in ``deploy/k8s`` set::
+
+    {"cluster": {"worker": ["host-0:12345", "host-1:12345"]}, "task": {"type": "worker", "index": 0}}
+
+All workers train in lockstep (gradients all-reduced each step, each worker reading its own shard of
+every batch). The chief (task ``chief``, else worker 0) alone logs to MLflow, exports and registers;
+the others train and exit, writing nothing. A worker that dies stops the others' next all-reduce, so
+the chief's run fails and registers nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+
+from pipeline.errors import ConfigError, PipelineError
+
+TF_CONFIG = "TF_CONFIG"
+
+
+class WorkerFailed(PipelineError, RuntimeError):
+    """Another worker of the cluster stopped (crashed, killed, unreachable) during training."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    task_type: str
+    task_index: int
+    size: int  # processes that train (chief and workers)
+
+    has_chief: bool = False  # a 'chief' task; without one, worker 0 is the chief
+
+    @property
+    def is_chief(self) -> bool:
+        return self.task_type == "chief" or (self.task_type == "worker" and self.task_index == 0 and not self.has_chief)
+
+    @property
+    def task(self) -> str:
+        return f"{self.task_type}:{self.task_index}"
+
+
+def cluster_from_env(environ: dict[str, str] | None = None) -> Cluster:
+    """This process's place in the cluster described by ``TF_CONFIG``; a missing or malformed one is a
+    :class:`ConfigError` that says what is wrong."""
+    raw = (os.environ if environ is None else environ).get(TF_CONFIG, "").strip()
+    if not raw:
+        raise ConfigError(
+            f"training.strategy=multi_worker needs {TF_CONFIG}: "
+            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": N}} in each worker\'s environment'
+        )
+    try:
+        spec = json.loads(raw)
+        cluster, task = spec["cluster"], spec["task"]
+        task_type, task_index = str(task["type"]), int(task["index"])
+        members = {kind: list(addresses) for kind, addresses in cluster.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{TF_CONFIG} is not a cluster spec with 'cluster' and 'task' {{type, index}}: {exc}") from None
+    if task_type not in ("chief", "worker"):
+        raise ConfigError(f"{TF_CONFIG} task type {task_type!r}: multi-worker training runs tasks of type 'chief' or 'worker'")
+    if not 0 <= task_index < len(members.get(task_type, [])):
+        raise ConfigError(f"{TF_CONFIG} task {task_type}:{task_index} is not in its cluster {members}")
+    size = len(members.get("chief", [])) + len(members.get("worker", []))
+    return Cluster(task_type, task_index, size, has_chief=bool(members.get("chief")))
+
+
+@functools.cache
+def multi_worker_strategy():
+    """The process's one ``MultiWorkerMirroredStrategy``, joined to the cluster. TensorFlow requires it
+    before any other TensorFlow operation, so the job creates it first thing."""
+    import tensorflow as tf
+
+    _patch_keras_multi_worker()
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def build_for_fit(model, sample_batch) -> None:
+    """Build the model's loss, metric and optimizer state under its strategy from one local batch.
+
+    Keras 3.x (up to this project's version) builds that state inside ``fit`` by averaging the first
+    *distributed* batch across workers with a call the multi-worker strategy rejects (keras-team/keras
+    #20585): built here from shapes alone, ``fit`` has nothing left to build.
+    """
+    strategy = model.distribute_strategy
+    with strategy.scope():
+        model._symbolic_build(data_batch=sample_batch)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+
+def _patch_keras_multi_worker() -> None:
+    """Keras 3.x averages a multi-worker step's per-replica results with ``reduce(MEAN, axis=0)``, which
+    fails on the scalar loss and metrics (keras-team/keras #20585); scalars get the plain all-reduce
+    mean, everything else is left to Keras."""
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    if getattr(trainer.reduce_per_replica, "multi_worker_scalars", False):
+        return
+    original = trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(strategy):
+            return original(values, strategy, reduction)
+
+        def mean(value):
+            if not trainer._is_per_replica_instance(value):
+                return value
+            rank = strategy.experimental_local_results(value)[0].shape.rank
+            return strategy.reduce("MEAN", value, axis=0 if rank else None)
+
+        return tree.map_structure(mean, values)
+
+    reduce_per_replica.multi_worker_scalars = True
+    trainer.reduce_per_replica = reduce_per_replica
