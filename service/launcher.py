@@ -1,5 +1,6 @@
 """Start servers as child processes on free loopback ports, wait until they are healthy, stop them:
-this service (``bentoml serve service:Digits``), MLflow's scoring server and MLflow's tracking server.
+this service (``bentoml serve service:Digits``), MLflow's scoring server and MLflow's tracking server,
+and nginx in front of several replicas of the service (the compose stack's load balancer).
 
 Used by the tests, the load-test runner and the benchmark scripts, so all of them run the real servers
 the same way an operator does.
@@ -8,6 +9,8 @@ the same way an operator does.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+NGINX_TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "templates" / "digits.conf.template"
 
 
 @dataclass
@@ -96,13 +100,15 @@ def stop_process(running: RunningProcess, timeout: float = 30) -> None:
 stop_service = stop_process
 
 
-def start_service(env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, timeout: float = 180) -> RunningProcess:
+def start_service(
+    env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT, timeout: float = 180, port: int | None = None
+) -> RunningProcess:
     """``bentoml serve service:Digits`` on a free loopback port, ready when ``/readyz`` answers.
 
     gRPC gets a free loopback port unless ``env`` sets ``GRPC_PORT``. Each service gets its own
     ``BENTOML_HOME``: BentoML keeps its Prometheus files there and wipes them when a server starts, so
-    two servers sharing one would lose each other's metrics."""
-    port = free_port()
+    two servers sharing one would lose each other's metrics. ``port`` restarts a replica where it was."""
+    port = port or free_port()
     env = {
         "GRPC_HOST": "127.0.0.1",
         "GRPC_PORT": str(free_port()),
@@ -138,3 +144,43 @@ def _on_loopback(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     return start_process([*command, "--host", "127.0.0.1", "--port", str(port)], url, ready_path, log_path, env, cwd, timeout)
+
+
+def render_nginx_config(http_upstreams: list[str], grpc_upstreams: list[str], http_port: int, grpc_port: int) -> str:
+    """The compose stack's nginx site (``deploy/nginx/templates``) for replicas at ``host:port``
+    addresses, filled in as nginx's image does with envsubst."""
+    values = {
+        "LB_HTTP_PORT": f"127.0.0.1:{http_port}",
+        "LB_GRPC_PORT": f"127.0.0.1:{grpc_port}",
+        "HTTP_UPSTREAMS": "\n    ".join(f"server {address} max_fails=1 fail_timeout=2s;" for address in http_upstreams),
+        "GRPC_UPSTREAMS": "\n    ".join(f"server {address} max_fails=1 fail_timeout=2s;" for address in grpc_upstreams),
+        "RESOLVER": "127.0.0.1",  # unused: loopback addresses need no DNS
+    }
+    return re.sub(r"\$\{(\w+)\}", lambda match: values[match.group(1)], NGINX_TEMPLATE.read_text())
+
+
+def start_nginx(http_upstreams: list[str], grpc_upstreams: list[str], workdir: Path, timeout: float = 30) -> RunningProcess:
+    """nginx (the system's, e.g. Debian's package) in front of the given replicas on free loopback
+    ports, in the foreground with everything under ``workdir``; ready when ``/lb/healthz`` answers."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port, grpc_port = free_port(), free_port()
+    (workdir / "digits.conf").write_text(render_nginx_config(http_upstreams, grpc_upstreams, http_port, grpc_port))
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (workdir / "nginx.conf").write_text(
+        f"""daemon off;
+worker_processes 1;
+pid {workdir / "nginx.pid"};
+error_log {workdir / "error.log"} warn;
+events {{ worker_connections 4096; }}
+http {{
+{temp_paths}
+    include {workdir / "digits.conf"};
+}}
+"""
+    )
+    command = [binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", str(workdir / "error.log")]
+    url = f"http://127.0.0.1:{http_port}"
+    return start_process(command, url, "/lb/healthz", workdir / "nginx.log", None, workdir, timeout, f"127.0.0.1:{grpc_port}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import bentoml
 
+from service.runtime import ModelInfo
+
 batch_images = bentoml.metrics.Histogram(
     name="digits_model_batch_images",
     documentation="Images per model call (batching merges concurrent requests from every route)",
@@ -25,6 +27,21 @@ queue_wait_seconds = bentoml.metrics.Histogram(
     labelnames=["route"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
 )
+
+
+model_info = bentoml.metrics.Gauge(
+    name="digits_model_info",
+    documentation="1 for the registered model version this server answers with (per worker process), 0 for one it left",
+    labelnames=["name", "version"],
+    multiprocess_mode="liveall",  # a process that exits takes its series with it
+)
+
+
+def model_switched(old: ModelInfo | None, new: ModelInfo) -> None:
+    """``ModelRuntime``'s ``on_switch``: which version this process serves, for dashboards per replica."""
+    if old is not None:
+        model_info.labels(name=old.name, version=old.version).set(0)
+    model_info.labels(name=new.name, version=new.version).set(1)
 
 
 class PrometheusBatchObserver:

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,8 +83,17 @@ class Prediction:
 class ModelRuntime:
     """Holds the current model and keeps it in step with ``MODEL_URI`` (alias moves, new exports)."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, poll_seconds: float = 0.0, registry_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        model_uri: str,
+        tracking_uri: str,
+        poll_seconds: float = 0.0,
+        registry_timeout_s: float = 10.0,
+        on_switch: Callable[[ModelInfo | None, ModelInfo], None] | None = None,
+    ) -> None:
+        """``on_switch(old, new)`` is told of every model taken into service (``old`` is None at first)."""
         self.model_uri = model_uri
+        self.on_switch = on_switch
         self.tracking_uri = tracking_uri
         self.poll_seconds = poll_seconds
         self._current: LoadedModel | None = None
@@ -142,6 +152,8 @@ class ModelRuntime:
                 logger.info("switched model %s version %s -> %s", new.info.name, old.info.version, new.info.version)
             else:
                 logger.info("loaded model %s version %s from %s", new.info.name, new.info.version, new.info.source)
+            if self.on_switch is not None:
+                self.on_switch(old.info if old else None, new.info)
             return (old.info if old else None), new.info
 
     def _poll(self) -> None:

@@ -21,7 +21,7 @@ quiet.import_tensorflow()  # before anything else imports it: without its start-
 from service import edge, http  # noqa: E402
 from service.core import ServingCore  # noqa: E402
 from service.grpc_api import GrpcFront  # noqa: E402
-from service.metrics import PrometheusBatchObserver  # noqa: E402
+from service.metrics import PrometheusBatchObserver, model_switched  # noqa: E402
 from service.runtime import ModelLoadError, ModelRuntime  # noqa: E402
 from service.settings import SETTINGS  # noqa: E402
 
@@ -36,7 +36,11 @@ logger = logging.getLogger("digits")
 class Digits:
     def __init__(self) -> None:
         runtime = ModelRuntime(
-            SETTINGS.model_uri, SETTINGS.tracking_uri, SETTINGS.reload_poll_seconds, SETTINGS.registry_timeout_s
+            SETTINGS.model_uri,
+            SETTINGS.tracking_uri,
+            SETTINGS.reload_poll_seconds,
+            SETTINGS.registry_timeout_s,
+            on_switch=model_switched,
         )
         try:
             info = runtime.start()
