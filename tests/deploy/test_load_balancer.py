@@ -3,6 +3,7 @@ all on free loopback ports: both answer, both follow a promotion, and a replica 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
@@ -17,7 +18,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from contract import CHAMPION, REGISTERED_MODEL
-from service.launcher import start_nginx, start_service, stop_process
+from service.launcher import REPO_ROOT, start_nginx, start_service, stop_process
 from tests.helpers import client_for
 from tests.service.helpers import predict_request, served_version
 
@@ -171,3 +172,16 @@ def test_no_request_fails_while_a_replica_restarts(cluster, sample, tmp_path):
     assert not failures, f"{len(failures)} of {len(failures) + sum(answered.values())} failed: {failures[:3]}"
     assert sum(answered.values()) > 100
     assert predictions_counted(replicas[0]) > 0, "the restarted replica took no requests"
+
+
+def test_every_metric_the_dashboard_plots_is_one_a_replica_exposes(cluster):
+    _, _, replicas, _ = cluster
+    dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "dashboards" / "digits.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b((?:bentoml|digits)_\w+)", target["expr"])
+    }
+    exposed = set(re.findall(r"^(\w+)[{ ]", requests.get(f"{replicas[1].url}/metrics", timeout=10).text, re.M))
+    assert queried and queried <= exposed, queried - exposed

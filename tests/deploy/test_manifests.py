@@ -1,0 +1,126 @@
+"""The Kubernetes manifests (``deploy/k8s``) validate offline against the Kubernetes schemas and agree
+with each other, with the compose file's images and with the service's probes."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.launcher import REPO_ROOT
+
+K8S = REPO_ROOT / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.37.0"
+
+
+def manifest_files() -> list[Path]:
+    return sorted(path for path in K8S.rglob("*.yaml") if path.name != "kustomization.yaml")
+
+
+def resources(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def all_resources() -> list[dict]:
+    return [resource for path in manifest_files() for resource in resources(path)]
+
+
+def find(kind: str, name: str) -> dict:
+    return next(r for r in all_resources() if r["kind"] == kind and r["metadata"]["name"] == name)
+
+
+def pod_specs() -> list[dict]:
+    specs = []
+    for resource in all_resources():
+        spec = resource.get("spec", {})
+        if resource["kind"] == "CronJob":
+            specs.append(spec["jobTemplate"]["spec"]["template"]["spec"])
+        elif "template" in spec:
+            specs.append(spec["template"]["spec"])
+    return specs
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda path: str(path.relative_to(K8S)))
+def test_every_manifest_validates_strictly_against_the_kubernetes_schemas(path):
+    for resource in resources(path):
+        kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_validator_rejects_a_broken_manifest():
+    deployment = copy.deepcopy(find("Deployment", "digits"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = {"name": "http"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    deployment = copy.deepcopy(find("Deployment", "digits"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}  # a misspelt field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("kustomization", sorted(K8S.rglob("kustomization.yaml")), ids=lambda p: str(p.relative_to(K8S)))
+def test_each_kustomization_lists_exactly_the_manifests_beside_it(kustomization):
+    listed = yaml.safe_load(kustomization.read_text())["resources"]
+    beside = sorted(path.name for path in kustomization.parent.glob("*.yaml") if path.name != "kustomization.yaml")
+    assert sorted(listed) == beside
+
+
+def test_secret_and_config_references_exist():
+    secret_keys = {
+        line.split("=", 1)[0] for line in (K8S / "secrets.env.example").read_text().splitlines() if re.match(r"^[A-Z_]+=", line)
+    }
+    config_keys = set(find("ConfigMap", "mnist-config")["data"])
+    for spec in pod_specs():
+        for container in spec["containers"]:
+            for source in container.get("envFrom", []):
+                assert source["configMapRef"]["name"] == "mnist-config"
+            for variable in container.get("env", []):
+                ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] == "mnist-secrets" and ref["key"] in secret_keys, variable
+            text = " ".join(container.get("command", []))
+            for name in re.findall(r"\$\{?(\w+)", text):
+                assert name in config_keys | {"JOB_COMPLETION_INDEX", "TF_CONFIG"}, name
+
+
+def test_the_service_deployment_probes_the_services_own_health_routes_and_is_guarded():
+    deployment = find("Deployment", "digits")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"]) and {"cpu", "memory"} <= set(
+        container["resources"]["requests"]
+    )
+    assert pod["terminationGracePeriodSeconds"] >= 30
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    assert find("PodDisruptionBudget", "digits")["spec"]["selector"]["matchLabels"] == labels
+    assert find("Service", "digits")["spec"]["selector"] == labels
+    hpa = find("HorizontalPodAutoscaler", "digits")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "digits"}
+    assert hpa["minReplicas"] >= 2
+
+
+def test_every_container_has_resources_and_runs_an_image_the_compose_file_makes():
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    compose_images = {
+        re.sub(r"^\$\{SERVICE_IMAGE:-(.*)\}$", r"\1", service.get("image", "")).split(":")[0] for service in compose.values()
+    }
+    kustomized = {image["name"] for image in yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]}
+    for spec in pod_specs():
+        for container in spec["containers"]:
+            assert container["image"] in kustomized & compose_images, container["image"]
+            assert {"cpu", "memory"} <= set(container["resources"]["limits"]), container["name"]
+
+
+def test_the_multi_worker_job_gives_each_pod_its_task_in_tf_config():
+    job = find("Job", "train-mw")["spec"]
+    assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"] == 2 and job["backoffLimit"] == 0
+    script = job["template"]["spec"]["containers"][0]["command"][-1]
+    assert "training.strategy=multi_worker" in script and "${JOB_COMPLETION_INDEX}" in script
+    workers = re.findall(r'\\"(train-mw-\d\.train-mw:\d+)\\"', script)
+    assert workers == [f"train-mw-{index}.train-mw:12345" for index in range(job["completions"])]
+    assert job["template"]["spec"]["subdomain"] == find("Service", "train-mw")["metadata"]["name"]
