@@ -40,7 +40,7 @@ def serving(model_uri: str, duration: int, repeats: int, workdir: Path) -> list[
     with np.load(SAMPLE_NPZ) as npz:
         body = workdir / "one.json"
         body.write_text(json.dumps(npz["x_test"][:1].tolist()))
-    env = {"MODEL_URI": model_uri, "GRPC_PORT": "0"}
+    env = {"MODEL_URI": model_uri}
     rows = []
     for repeat in range(repeats):
         for design in ("nginx + 2 replicas x 1 worker", "1 replica x 2 workers"):
@@ -51,7 +51,11 @@ def serving(model_uri: str, duration: int, repeats: int, workdir: Path) -> list[
                         start_service({**env, "SERVICE_WORKERS": "1"}, workdir / f"r{repeat}-{n}" / "log") for n in (0, 1)
                     ]
                     started += replicas
-                    balancer = start_nginx([r.url.removeprefix("http://") for r in replicas], [], workdir / f"nginx-{repeat}")
+                    balancer = start_nginx(
+                        [r.url.removeprefix("http://") for r in replicas],
+                        [r.grpc_target for r in replicas],
+                        workdir / f"nginx-{repeat}",
+                    )
                     started.append(balancer)
                     url = balancer.url
                 else:
