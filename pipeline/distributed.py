@@ -7,8 +7,9 @@ with its own ``TF_CONFIG``, the variable Kubernetes operators and the Job in ``d
 
 All workers train in lockstep (gradients all-reduced each step, each worker reading its own shard of
 every batch). The chief (task ``chief``, else worker 0) alone logs to MLflow, exports and registers;
-the others train and exit, writing nothing. A worker that dies stops the others' next all-reduce, so
-the chief's run fails and registers nothing.
+the others write nothing, and wait for the chief's verdict (:func:`settle`) so that every task exits
+with the run's outcome. A worker that dies stops the others' next all-reduce, so the chief's run fails
+and registers nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError, PipelineError
@@ -24,7 +28,29 @@ TF_CONFIG = "TF_CONFIG"
 
 
 class WorkerFailed(PipelineError, RuntimeError):
-    """Another worker of the cluster stopped (crashed, killed, unreachable) during training."""
+    """Another task of the cluster stopped (crashed, killed, unreachable)."""
+
+
+class ChiefFailed(PipelineError, RuntimeError):
+    """The chief's run failed after training: nothing was registered."""
+
+
+def cluster_errors() -> tuple[type[BaseException], ...]:
+    """What TensorFlow raises when a collective cannot complete because another task has gone."""
+    import tensorflow as tf
+
+    return (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)
+
+
+def describe_failure(exc: BaseException, when: str) -> str:
+    """TensorFlow's cluster error in one line: which task went, and the cause (both sit in a graph trace)."""
+    text = str(exc)
+    task = re.search(r"(?:reported from|remote target) /job:(\w+)(?:/replica:\d+)?/task:(\d+)", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    causes = [line for line in lines if "unhealthy" in line or "aborted" in line]
+    cause = (causes or lines or [type(exc).__name__])[0][:300]
+    who = f"task {task.group(1)}:{task.group(2)}" if task else "another task"
+    return f"training cluster: {who} stopped {when} ({cause})"
 
 
 @dataclass(frozen=True)
@@ -76,6 +102,46 @@ def multi_worker_strategy():
 
     _patch_keras_multi_worker()
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def settle(failed: bool, timeout_s: float | None = None) -> int:
+    """The last collective of a run: each task says whether its part failed and waits for all the
+    others. Returns how many tasks failed. The chief calls it after its commit (or failure), the other
+    workers right after training, so they exit only once the run's outcome is known, with it."""
+    import tensorflow as tf
+
+    strategy = multi_worker_strategy()
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
+
+    @tf.function
+    def count() -> tf.Tensor:
+        flags = strategy.run(lambda: tf.constant(1.0 if failed else 0.0))
+        return strategy.extended.reduce_to("SUM", flags, destinations="/cpu:0", options=options)
+
+    try:
+        return round(float(count()) / len(strategy.extended.worker_devices))  # each of a task's replicas said it
+    except cluster_errors() as exc:
+        raise WorkerFailed(describe_failure(exc, "before the run's end")) from None
+
+
+@contextmanager
+def verdict_to_workers(enabled: bool) -> Iterator[None]:
+    """On the chief, around everything after training: the workers learn whether the run succeeded.
+    An error is re-raised after they are told (a broken cluster cannot be told: they see it broken)."""
+    if not enabled:
+        yield
+        return
+    try:
+        yield
+    except WorkerFailed:
+        raise
+    except BaseException:
+        try:
+            settle(failed=True, timeout_s=60)
+        except WorkerFailed:
+            pass
+        raise
+    settle(failed=False, timeout_s=60)
 
 
 def build_for_fit(model, sample_batch) -> None:

@@ -81,12 +81,16 @@ def run_training(
             mlflow.set_tags({"replicas": str(result.replicas), "training_wall_time_s": f"{result.wall_time_s:.1f}"})
             mlflow.log_metrics({"training_wall_time_s": result.wall_time_s, "epochs_run": result.epochs_run})
 
-            step = _step(say, "evaluate")
-            evaluation = _evaluate(result, splits)
-            say(f"test accuracy {evaluation.accuracy:.4f}, test loss {evaluation.loss:.4f}, training {result.wall_time_s:.1f}s")
+            with distributed.verdict_to_workers(cfg.training.strategy == "multi_worker"):
+                step = _step(say, "evaluate")
+                evaluation = _evaluate(result, splits)
+                say(
+                    f"test accuracy {evaluation.accuracy:.4f}, test loss {evaluation.loss:.4f}, "
+                    f"training {result.wall_time_s:.1f}s"
+                )
 
-            step = "export"
-            return _export_and_commit(cfg, run_id, result, evaluation, splits, say, stop)
+                step = "export"
+                return _export_and_commit(cfg, run_id, result, evaluation, splits, say, stop)
     except BaseException as exc:
         if mlflow.active_run() is not None:
             _describe_failure(step, exc)
@@ -96,7 +100,8 @@ def run_training(
 
 def run_worker(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Callable[[str], None] = print) -> TrainResult:
     """A non-chief worker of a multi-worker cluster: the same data and training as the chief, in
-    lockstep with it, and nothing else: no MLflow run, no export, no registry."""
+    lockstep with it, then it waits for the chief's outcome; it writes nothing (no MLflow run, no
+    export, no registry)."""
     configure_devices(cfg.training)
     _join_cluster(say, chief=False)
     data = data_module.load(data_spec)
@@ -104,7 +109,10 @@ def run_worker(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Callab
     splits = data.split(cfg.data.validation_split, cfg.seed)
     result = train(cfg, splits, say, track=False)
     say(f"trained {result.epochs_run} epochs on {result.replicas} replica(s) in {result.wall_time_s:.1f}s")
-    say("done: the chief logs, exports and registers")
+    say("waiting for the chief to evaluate, export, register and gate")
+    if distributed.settle(failed=False):
+        raise distributed.ChiefFailed("the chief's run failed after training, and nothing was registered (its log says why)")
+    say("the chief's run finished")
     return result
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 import time
@@ -231,31 +230,19 @@ def train(
             callbacks=callbacks,
             verbose=0,  # EpochProgress reports
         )
-    except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError) as exc:
+    except distributed.cluster_errors() as exc:
         if not multi_worker:
             raise
-        raise distributed.WorkerFailed(f"training cluster: {_cluster_failure(exc)}") from None
+        raise distributed.WorkerFailed(distributed.describe_failure(exc, "during training")) from None
     wall_time = time.perf_counter() - started
     if multi_worker:
         model = _local_copy(cfg, model)
     return TrainResult(model, history.history, wall_time, len(history.epoch), strategy.num_replicas_in_sync)
 
 
-def _cluster_failure(exc: BaseException) -> str:
-    """What TensorFlow's cluster error says, in one line: which task went, and the cause (both sit
-    among a graph trace)."""
-    text = str(exc)
-    task = re.search(r"(?:reported from|remote target) /job:(\w+)(?:/replica:\d+)?/task:(\d+)", text)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    causes = [line for line in lines if "unhealthy" in line or "aborted" in line]
-    cause = (causes or lines or [type(exc).__name__])[0][:300]
-    who = f"task {task.group(1)}:{task.group(2)}" if task else "a worker"
-    return f"{who} stopped during training ({cause})"
-
-
 def _local_copy(cfg: PipelineConfig, model: keras.Model) -> keras.Model:
     """The trained weights in a model of this process alone. The chief evaluates, plots and exports
-    after the other workers have gone; the multi-worker model would wait for them at every call."""
+    on its own; the multi-worker model would involve the other workers in every call."""
     local = build_model(cfg.model)
     local.set_weights(model.get_weights())
     return local

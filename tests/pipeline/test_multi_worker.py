@@ -80,12 +80,14 @@ def start_worker(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> 
         )
 
 
-def start_cluster(tmp_path: Path, epochs: int) -> tuple[list[subprocess.Popen], list[Path], list[Path]]:
+def start_cluster(
+    tmp_path: Path, epochs: int, exports: Path | None = None
+) -> tuple[list[subprocess.Popen], list[Path], list[Path]]:
     """Chief (worker 0, in ``tmp_path/chief``) and worker 1 (in ``tmp_path/worker``, an empty directory),
     both pointed at the chief's store as a real deployment's would be."""
     workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     store = store_env(tmp_path / "chief")
-    exports = tmp_path / "chief" / "exports"
+    exports = exports or tmp_path / "chief" / "exports"
     args = seed_training(exports, "training.strategy=multi_worker", "registry.accuracy_floor=0", epochs=epochs)
     dirs = [tmp_path / "chief", tmp_path / "worker"]
     logs = [tmp_path / "chief.log", tmp_path / "worker.log"]
@@ -122,6 +124,8 @@ def test_two_workers_train_one_run_one_version_one_export(tmp_path):
 
     result = last_json_line(chief_out)
     assert last_json_line(worker_out) == {"task": "worker:1", "role": "worker", "epochs_run": 2}
+    assert "the chief's run finished" in worker_out  # it waited for the outcome...
+    assert "unhealthy" not in chief_out and "stopped sending heartbeats" not in chief_out  # ...so the chief saw no loss
     # lockstep: both processes saw the same (all-reduced) metrics every epoch
     epoch_lines = [
         [line.split(" | ")[0] for line in out.splitlines() if line.startswith("epoch ")] for out in (chief_out, worker_out)
@@ -155,3 +159,25 @@ def test_a_killed_worker_fails_the_run_and_registers_nothing(tmp_path):
     assert "error: training cluster: task worker:1 stopped during training" in chief_out
     assert "Traceback" not in chief_out
     assert_failed_and_nothing_registered(store_env(dirs[0]), dirs[0] / "exports")
+
+
+@pytest.mark.slow
+def test_a_chief_that_fails_after_training_fails_the_worker_too(tmp_path):
+    blocker = tmp_path / "chief" / "exports"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the export directory should go")
+    procs, dirs, logs = start_cluster(tmp_path, epochs=1, exports=blocker)
+    try:
+        for proc in procs:
+            proc.wait(timeout=600)
+    finally:
+        stop_all(procs)
+    chief_out, worker_out = (log.read_text() for log in logs)
+    assert [proc.returncode for proc in procs] == [2, 2], chief_out[-3000:] + worker_out[-3000:]
+    assert "error: the chief's run failed after training, and nothing was registered" in worker_out
+    assert "Traceback" not in chief_out + worker_out
+    client = client_for(store_env(dirs[0])["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    assert [run.info.status for run in runs] == ["FAILED"]
+    assert client.search_model_versions("name='mnist-cnn'") == []
+    assert list(dirs[1].iterdir()) == []
