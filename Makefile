@@ -7,7 +7,7 @@ UI_PORT ?= 5000
 TRIALS ?= 40
 BIN := $(VENV)/bin
 
-.PHONY: run announce train tune serve draw ui test test-fast lint format install install-dev clean
+.PHONY: run announce train tune serve bento draw ui test test-fast lint format install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ tune: install
 
 serve:
 	GRPC_HOST=$${GRPC_HOST:-$${HOST:-127.0.0.1}} $(BIN)/bentoml serve service:Digits --host $${HOST:-127.0.0.1} --port $(PORT)
+
+## make bento: package the service as a Bento (bentofile.yaml); `bentoml containerize digits:latest` makes its image
+bento: install
+	$(BIN)/bentoml build
 
 ## make draw: open the drawing page of the service running on $(PORT)
 draw:
