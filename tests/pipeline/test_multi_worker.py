@@ -95,6 +95,17 @@ def start_cluster(
     return procs, dirs, logs
 
 
+def run_cluster(tmp_path: Path, epochs: int, exports: Path | None = None) -> tuple[list[int], list[Path], list[str]]:
+    """Both tasks to the end: their exit codes, directories and outputs."""
+    procs, dirs, logs = start_cluster(tmp_path, epochs, exports)
+    try:
+        for proc in procs:
+            proc.wait(timeout=600)
+    finally:
+        stop_all(procs)
+    return [proc.returncode for proc in procs], dirs, [log.read_text() for log in logs]
+
+
 def stop_all(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -113,14 +124,8 @@ def test_without_tf_config_multi_worker_training_stops_before_any_run(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_train_one_run_one_version_one_export(tmp_path):
-    procs, dirs, logs = start_cluster(tmp_path, epochs=2)
-    try:
-        for proc in procs:
-            proc.wait(timeout=600)
-    finally:
-        stop_all(procs)
-    chief_out, worker_out = (log.read_text() for log in logs)
-    assert [proc.returncode for proc in procs] == [0, 0], chief_out[-3000:] + worker_out[-3000:]
+    codes, dirs, (chief_out, worker_out) = run_cluster(tmp_path, epochs=2)
+    assert codes == [0, 0], chief_out[-3000:] + worker_out[-3000:]
 
     result = last_json_line(chief_out)
     assert last_json_line(worker_out) == {"task": "worker:1", "role": "worker", "epochs_run": 2}
@@ -166,14 +171,8 @@ def test_a_chief_that_fails_after_training_fails_the_worker_too(tmp_path):
     blocker = tmp_path / "chief" / "exports"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("a file where the export directory should go")
-    procs, dirs, logs = start_cluster(tmp_path, epochs=1, exports=blocker)
-    try:
-        for proc in procs:
-            proc.wait(timeout=600)
-    finally:
-        stop_all(procs)
-    chief_out, worker_out = (log.read_text() for log in logs)
-    assert [proc.returncode for proc in procs] == [2, 2], chief_out[-3000:] + worker_out[-3000:]
+    codes, dirs, (chief_out, worker_out) = run_cluster(tmp_path, epochs=1, exports=blocker)
+    assert codes == [2, 2], chief_out[-3000:] + worker_out[-3000:]
     assert "error: the chief's run failed after training, and nothing was registered" in worker_out
     assert "Traceback" not in chief_out + worker_out
     client = client_for(store_env(dirs[0])["MLFLOW_TRACKING_URI"])
