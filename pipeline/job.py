@@ -54,8 +54,7 @@ def run_training(
     """The whole job in one MLflow run. ``stop`` (installed by the CLI) keeps signals out of the commit."""
     stop = stop or StopSignals()
     configure_devices(cfg.training)
-    if cfg.training.strategy == "multi_worker":
-        _join_cluster(say, chief=True)
+    cluster = _join_cluster(say, chief=True) if cfg.training.strategy == "multi_worker" else None
     tracking.setup(cfg.registry.experiment, say)
     recover.recover(cfg.registry.model_name, cfg.registry.experiment, Path(cfg.export.base_dir), say=say)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
@@ -66,6 +65,8 @@ def run_training(
         with tracking.Heartbeat(run_id):
             say(f"MLflow run {run_id} ({tracking.tracking_uri()})")
             mlflow.set_tags({"config": cfg.name, "data_source": data_spec.describe()})
+            if cluster is not None:
+                mlflow.set_tags({"cluster_tasks": str(cluster.size), "cluster_chief": cluster.task})
             mlflow.log_params({**cfg.flat(), "data.source": data_spec.source, "data.path": data_spec.path})
 
             step = _step(say, "data")

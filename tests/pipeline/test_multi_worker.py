@@ -141,6 +141,7 @@ def test_two_workers_train_one_run_one_version_one_export(tmp_path):
     runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
     assert [(run.info.run_id, run.info.status) for run in runs] == [(result["run_id"], "FINISHED")]
     assert runs[0].data.tags["replicas"] == "2"
+    assert (runs[0].data.tags["cluster_tasks"], runs[0].data.tags["cluster_chief"]) == ("2", "worker:0")
     assert [str(version.version) for version in client.search_model_versions("name='mnist-cnn'")] == [result["model_version"]]
     assert sorted(path.name for path in (dirs[0] / "exports" / "mnist").iterdir()) == [result["model_version"]]
     assert list(dirs[1].iterdir()) == []  # the worker wrote nothing: no store, no export, no staging
