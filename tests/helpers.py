@@ -19,6 +19,7 @@ from service.launcher import child_env
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE_NPZ = FIXTURES / "mnist-sample.npz"
+BENTO_USER_UID = 1034  # the user BentoML's containerized service runs as: deploy/k8s runs the pods as it
 
 
 def run_pipeline(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from service.launcher import REPO_ROOT
+from tests.helpers import BENTO_USER_UID
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37.0"
@@ -124,3 +125,17 @@ def test_the_multi_worker_job_gives_each_pod_its_task_in_tf_config():
     workers = re.findall(r'\\"(train-mw-\d\.train-mw:\d+)\\"', script)
     assert workers == [f"train-mw-{index}.train-mw:12345" for index in range(job["completions"])]
     assert job["template"]["spec"]["subdomain"] == find("Service", "train-mw")["metadata"]["name"]
+
+
+def test_every_pod_runs_as_its_images_non_root_user_without_privileges():
+    users = {
+        "mnist-pipeline": int(re.search(r"useradd .*--uid (\d+)", (REPO_ROOT / "Dockerfile").read_text()).group(1)),
+        "mnist-mlflow": int(re.search(r"useradd .*--uid (\d+)", (REPO_ROOT / "mlflow" / "Dockerfile").read_text()).group(1)),
+        "mnist-digits": BENTO_USER_UID,
+    }
+    for spec in pod_specs():
+        context = spec["securityContext"]
+        assert context["runAsNonRoot"] is True and context["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in spec["containers"]:
+            assert context["runAsUser"] == users[container["image"]], container["image"]
+            assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}

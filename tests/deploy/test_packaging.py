@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from service.launcher import REPO_ROOT, child_env, free_port, start_process, stop_process
+from tests.helpers import BENTO_USER_UID
 
 
 def requirement_lines(path: Path) -> list[str]:
@@ -45,6 +46,9 @@ def test_bentoml_build_makes_a_locked_bento_that_serves_the_champion(trained_reg
     source = {path.relative_to(bento / "src").as_posix() for path in (bento / "src").rglob("*") if path.is_file()}
     assert {"service/service.py", "service/runtime.py", "service/static/draw.html", "contract.py", "quiet.py"} <= source
     assert not any(path.startswith(("tests/", "pipeline/", "loadtests/", ".venv/")) for path in source), sorted(source)[:20]
+    assert (
+        f"ARG BENTO_USER_UID={BENTO_USER_UID}" in (bento / "env" / "docker" / "Dockerfile").read_text()
+    )  # deploy/k8s runs as it
     locked = requirement_lines(bento / "env" / "python" / "requirements.txt")
     pins = {line.split("==")[0].lower() for line in locked if "==" in line}
     assert {"tensorflow", "bentoml", "mlflow", "tensorflow-serving-api", "grpcio"} <= pins
