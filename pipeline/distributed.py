@@ -127,21 +127,24 @@ def settle(failed: bool, timeout_s: float | None = None) -> int:
 @contextmanager
 def verdict_to_workers(enabled: bool) -> Iterator[None]:
     """On the chief, around everything after training: the workers learn whether the run succeeded.
-    An error is re-raised after they are told (a broken cluster cannot be told: they see it broken)."""
+    An error is re-raised after they are told. A worker gone by then changes nothing: the run's
+    outcome is already the chief's alone."""
     if not enabled:
         yield
         return
     try:
         yield
-    except WorkerFailed:
-        raise
     except BaseException:
-        try:
-            settle(failed=True, timeout_s=60)
-        except WorkerFailed:
-            pass
+        _tell_workers(failed=True)
         raise
-    settle(failed=False, timeout_s=60)
+    _tell_workers(failed=False)
+
+
+def _tell_workers(failed: bool) -> None:
+    try:
+        settle(failed=failed, timeout_s=60)
+    except WorkerFailed:
+        pass
 
 
 def build_for_fit(model, sample_batch) -> None:
