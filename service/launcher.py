@@ -159,10 +159,18 @@ def render_nginx_config(http_upstreams: list[str], grpc_upstreams: list[str], ht
     return re.sub(r"\$\{(\w+)\}", lambda match: values[match.group(1)], NGINX_TEMPLATE.read_text())
 
 
+def nginx_binary() -> str | None:
+    """The system's nginx (Debian installs it in /usr/sbin, often not on a user's PATH), or None."""
+    debian = Path("/usr/sbin/nginx")
+    return shutil.which("nginx") or (str(debian) if debian.exists() else None)
+
+
 def start_nginx(http_upstreams: list[str], grpc_upstreams: list[str], workdir: Path, timeout: float = 30) -> RunningProcess:
     """nginx (the system's, e.g. Debian's package) in front of the given replicas on free loopback
     ports, in the foreground with everything under ``workdir``; ready when ``/lb/healthz`` answers."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    binary = nginx_binary()
+    if binary is None:
+        raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx-light)")
     workdir.mkdir(parents=True, exist_ok=True)
     http_port, grpc_port = free_port(), free_port()
     (workdir / "digits.conf").write_text(render_nginx_config(http_upstreams, grpc_upstreams, http_port, grpc_port))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import bentoml
 
-from service.runtime import ModelInfo
+if TYPE_CHECKING:
+    from service.runtime import ModelInfo
 
 batch_images = bentoml.metrics.Histogram(
     name="digits_model_batch_images",

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,15 +16,13 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from contract import CHAMPION, REGISTERED_MODEL
-from service.launcher import REPO_ROOT, start_nginx, start_service, stop_process
+from service.launcher import REPO_ROOT, nginx_binary, start_nginx, start_service, stop_process
 from tests.helpers import client_for
-from tests.service.helpers import predict_request, served_version
+from tests.service.helpers import metric_samples, predict_request, served_version
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()), reason="needs nginx (.ci/run installs it)"
-    ),
+    pytest.mark.skipif(nginx_binary() is None, reason="needs nginx (.ci/run installs it)"),
 ]
 
 POLL_SECONDS = 1
@@ -34,17 +30,15 @@ POLL_SECONDS = 1
 
 def predictions_counted(replica) -> float:
     """Requests to ``/predict`` this replica has answered, from its own ``/metrics``."""
-    text = requests.get(f"{replica.url}/metrics", timeout=10).text
-    pattern = r"^bentoml_service_request_total\{([^}]*)\} ([0-9.e+]+)$"
-    return sum(float(value) for labels, value in re.findall(pattern, text, re.M) if 'endpoint="/predict"' in labels)
+    return sum(
+        sample.value
+        for sample in metric_samples(replica)
+        if sample.name == "bentoml_service_request_total" and sample.labels.get("endpoint") == "/predict"
+    )
 
 
 def model_info(replica) -> dict[str, float]:
-    text = requests.get(f"{replica.url}/metrics", timeout=10).text
-    return {
-        version: float(value)
-        for version, value in re.findall(r'^digits_model_info\{[^}]*version="(\w+)"[^}]*\} ([0-9.]+)$', text, re.M)
-    }
+    return {sample.labels["version"]: sample.value for sample in metric_samples(replica) if sample.name == "digits_model_info"}
 
 
 @pytest.fixture(scope="module")
@@ -183,5 +177,5 @@ def test_every_metric_the_dashboard_plots_is_one_a_replica_exposes(cluster):
         for target in panel["targets"]
         for name in re.findall(r"\b((?:bentoml|digits)_\w+)", target["expr"])
     }
-    exposed = set(re.findall(r"^(\w+)[{ ]", requests.get(f"{replicas[1].url}/metrics", timeout=10).text, re.M))
+    exposed = {sample.name for sample in metric_samples(replicas[1])}
     assert queried and queried <= exposed, queried - exposed

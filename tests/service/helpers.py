@@ -7,6 +7,7 @@ import re
 import numpy as np
 import requests
 import tensorflow as tf
+from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2
 
 from service.launcher import RunningService
@@ -22,6 +23,12 @@ def saved_model_probabilities(trained_registry, version: str, images: np.ndarray
     path = trained_registry.workdir / "exports" / "mnist" / version
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
     return serve(pixels=tf.constant(images))["probabilities"].numpy()
+
+
+def metric_samples(service: RunningService) -> list:
+    """Every sample on ``/metrics``, parsed by prometheus_client: ``.name``, ``.labels``, ``.value``."""
+    text = requests.get(f"{service.url}/metrics", timeout=10).text
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
 def histogram(service: RunningService, name: str) -> dict[str, float]:
