@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from contract import CHAMPION
-from pipeline import register
+from pipeline import register, tracking
 from pipeline.errors import GateBusy
 
 
@@ -97,17 +97,18 @@ def gate_lock(name: str, wait_s: float = 900.0, poll_s: float = 0.5) -> Iterator
 
     The lock is a registered model named ``<name>--gate-lock``: creating a registered model is atomic
     in every MLflow store (a unique name in the database), works over the tracking server's REST API
-    with the trainer's own credentials, and shows in the UI who holds it. A lock older than
-    :data:`LOCK_STALE_S` (its holder was killed) is broken; ``python -m pipeline recover`` does the same.
+    with the trainer's own credentials, and shows in the UI who holds it. A lock whose holder is gone
+    is broken (:func:`break_stale_lock`); ``python -m pipeline recover`` does the same.
     """
     client, lock = MlflowClient(), lock_name(name)
     holder = f"{socket.gethostname()}:{os.getpid()}"
+    started = f"{tracking.process_started(os.getpid()):.0f}"
     deadline = time.monotonic() + wait_s
     while True:
         try:
             client.create_registered_model(
                 lock,
-                tags={"holder": holder, "acquired_at": f"{time.time():.0f}"},
+                tags={"holder": holder, "process_started": started, "acquired_at": f"{time.time():.0f}"},
                 description=f"held while a training run gates {name}; deleted after",
             )
             break
@@ -129,14 +130,22 @@ def gate_lock(name: str, wait_s: float = 900.0, poll_s: float = 0.5) -> Iterator
 
 
 def break_stale_lock(name: str, stale_s: float = LOCK_STALE_S) -> str | None:
-    """Delete the gate lock when its holder took it more than ``stale_s`` ago; returns its holder."""
+    """Delete the gate lock when its holder is gone; returns its holder.
+
+    Gone means: on this host, its process no longer runs (or its pid now belongs to another process);
+    on another host, whose processes cannot be seen from here, it took the lock more than ``stale_s``
+    ago (a gate takes seconds).
+    """
     client = MlflowClient()
     try:
         lock = client.get_registered_model(lock_name(name))
     except MlflowException:
         return None
+    host, _, pid = lock.tags.get("holder", "").rpartition(":")
+    started = lock.tags.get("process_started")
+    alive = tracking.process_alive(host, pid, started) if started else None  # a lock from before the tag: by age
     acquired = float(lock.tags.get("acquired_at", "0") or 0)
-    if time.time() - acquired < stale_s:
+    if alive or (alive is None and time.time() - acquired < stale_s):
         return None
     try:
         client.delete_registered_model(lock.name)

@@ -231,8 +231,9 @@ def _commit(
             undo.callback(export.unpublish, export_path)
 
             _step(say, "gate")
-            outcome = _gate(cfg, version, evaluation, splits, undo)
+            outcome = _gate(cfg, version, evaluation, splits, undo, say)
 
+            _step(say, "finish")
             _describe_outcome(cfg, version, evaluation, result, outcome)
             mlflow.end_run("FINISHED")
         except BaseException as exc:
@@ -243,7 +244,12 @@ def _commit(
 
 
 def _gate(
-    cfg: PipelineConfig, version: str, evaluation: evaluate.Evaluation, splits: data_module.Splits, undo: ExitStack
+    cfg: PipelineConfig,
+    version: str,
+    evaluation: evaluate.Evaluation,
+    splits: data_module.Splits,
+    undo: ExitStack,
+    say: Callable[[str], None],
 ) -> GateOutcome:
     """Decide under the gate lock, against the champion re-scored on this run's test data, and log why."""
     name = cfg.registry.model_name
@@ -251,6 +257,7 @@ def _gate(
     def before_promote(previous: str | None) -> None:
         mlflow.set_tag(recover.PREVIOUS_CHAMPION_TAG, previous or "none")
         undo.callback(register.restore_champion, name, previous)
+        _step(say, "promote")  # under the gate lock, the alias about to move
 
     outcome = gate_and_promote(
         name,

@@ -85,7 +85,7 @@ def _delete_unfinished_versions(client: MlflowClient, name: str) -> list[str]:
         if status in ("FINISHED", "RUNNING"):  # complete, or a live training still committing
             continue
         tags = run.data.tags if run else {}
-        was_champion = CHAMPION in (version.aliases or [])
+        was_champion = register.alias_version(name, CHAMPION) == str(version.version)
         client.delete_model_version(name, version.version)
         fixes.append(f"deleted {name} version {version.version}: its run {version.run_id} is {status}")
         exported = tags.get(EXPORT_PATH_TAG)

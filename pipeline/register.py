@@ -73,10 +73,30 @@ def describe_version(name: str, version: str, description: str) -> None:
 
 
 def current_champion(name: str) -> ModelVersion | None:
+    """The version ``champion`` points at; None only when the model or the alias does not exist.
+
+    Any other registry error (a 5xx, a timeout, a refused permission) propagates: inside the gate,
+    reading it as "no champion" would promote a candidate on the accuracy floor alone.
+    """
+    version = alias_version(name, CHAMPION)
+    return None if version is None else MlflowClient().get_model_version(name, version)
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version ``alias`` points at, None when the model or the alias does not exist.
+
+    Read from the registered model's alias map: ``get_model_version_by_alias`` reports a missing alias
+    as INVALID_PARAMETER_VALUE, the same code as a malformed request, and ``search_model_versions``
+    returns versions without their aliases in MLflow 3.17's SQL store.
+    """
     try:
-        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+        model = MlflowClient().get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = dict(model.aliases or {}).get(alias)
+    return None if version is None else str(version)
 
 
 def download_saved_model(model_uri: str, dst: Path | None = None) -> Path:

@@ -160,6 +160,45 @@ def test_kill_9_at_each_step_then_recover_leaves_no_trace(store, step):
     assert "recover: nothing to do" in again.stdout
 
 
+def _kill_at(root: Path, step: str, *sets: str) -> dict:
+    process = _start(root, step, *sets)
+    _wait_for(process, f"step: {step}")
+    time.sleep(0.5)
+    process.kill()
+    process.communicate(timeout=60)
+    return _state(root)
+
+
+def test_kill_9_after_the_alias_moved_before_the_run_finished_then_recover_restores_the_champion(store):
+    """The window between the alias moving and the run finishing: recover fails the run, deletes the
+    version and puts ``champion`` back on the version it replaced (it used to leave no champion)."""
+    before = _kill_at(store, "finish", "epochs=3")
+    assert before["champion"] == "2" and "RUNNING" in before["statuses"], before  # promoted, not finished
+
+    recovered = run_pipeline(["recover", "--config", "seed"], _env(store), store)
+    assert recovered.returncode == 0, recovered.stderr[-2000:]
+    assert "champion back to version 1" in recovered.stdout, recovered.stdout
+    state = _state(store)
+    _assert_consistent(state)
+    assert list(state["versions"]) == ["1"] and state["champion"] == "1" and state["statuses"] == ["FAILED", "FINISHED"]
+
+
+def test_kill_9_while_holding_the_gate_lock_then_recover_breaks_the_lock_at_once(store):
+    before = _kill_at(store, "promote", "epochs=3")
+    assert before["locks"] == ["mnist-cnn--gate-lock"] and before["champion"] == "1", before
+
+    recovered = run_pipeline(["recover", "--config", "seed"], _env(store), store)
+    assert recovered.returncode == 0, recovered.stderr[-2000:]
+    assert "broke the gate lock of mnist-cnn left by" in recovered.stdout, recovered.stdout
+    state = _state(store)
+    _assert_consistent(state)
+    assert list(state["versions"]) == ["1"] and state["champion"] == "1"
+
+    trained = run_pipeline(_train_args(store, "epochs=3"), _env(store), store)  # the gate is free again
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    _assert_consistent(_state(store))
+
+
 def test_kill_9_after_promotion_then_train_restores_the_previous_champion(store):
     """Killed after moving the alias but before finishing the run: the next train's recover undoes it."""
     process = _start(store, None, "epochs=3")
