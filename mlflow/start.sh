@@ -15,6 +15,9 @@
 #   MLFLOW_AUTH_DATABASE_URI         users and permissions [sqlite:////var/lib/mlflow-auth/basic_auth.db]
 #   MLFLOW_PIPELINE_PASSWORD         user `pipeline`: trains; owns (MANAGE) what it creates
 #   MLFLOW_SERVICE_PASSWORD          user `service`: reads only
+#   MLFLOW_READ_ONLY_USERS           users refused every write, creating included [service]
+#                                    (read_only_auth.py: MLflow lets any signed-in user create experiments
+#                                    and registered models, the trainers' gate lock among them)
 # Everyone else, and anonymous requests, get 401; the default permission for signed-in users is READ.
 set -eu
 : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI, e.g. postgresql://mlflow:PASSWORD@postgres:5432/mlflow}"
@@ -30,9 +33,10 @@ if [ -n "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]; then
 default_permission = READ
 database_uri = ${MLFLOW_AUTH_DATABASE_URI:-sqlite:////var/lib/mlflow-auth/basic_auth.db}
 admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+authorization_function = read_only_auth:authenticate
 INI
   export MLFLOW_AUTH_CONFIG_PATH
+  export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
   python3 "$here/users.py"
   set -- --app-name basic-auth "$@"
 fi

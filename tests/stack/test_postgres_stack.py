@@ -168,6 +168,28 @@ def test_the_service_user_reads_but_cannot_move_the_champion_or_delete(tracking_
     assert run_pipeline(["promote", version], tracking_server.as_user("pipeline"), tmp_path).returncode == 0
 
 
+def test_the_service_user_cannot_create_anything_not_even_the_gate_lock(tracking_server):
+    """MLflow lets any signed-in user create experiments and registered models; the read-only user is
+    refused (mlflow/read_only_auth.py), so it cannot plant a gate lock that stalls every training."""
+    api = f"{tracking_server.url}/api/2.0/mlflow"
+    reader, trainer = tracking_server.auth("service"), tracking_server.auth("pipeline")
+    creates = [
+        ("registered-models/create", {"name": "mnist-cnn--gate-lock", "tags": [{"key": "acquired_at", "value": "9999999999"}]}),
+        ("experiments/create", {"name": "planted-by-service"}),
+        ("runs/create", {"experiment_id": "0"}),
+    ]
+    for path, body in creates:
+        answer = requests.post(f"{api}/{path}", auth=reader, json=body, timeout=10)
+        assert answer.status_code == 403, (path, answer.status_code, answer.text[:300])
+        assert answer.json()["error_code"] == "PERMISSION_DENIED" and "read-only" in answer.json()["message"]
+    searched = requests.post(f"{api}/runs/search", auth=reader, json={"experiment_ids": ["0"], "max_results": 1}, timeout=10)
+    assert searched.status_code == 200, searched.text[:300]  # searches are reads, even as POSTs
+    lock = requests.get(f"{api}/registered-models/get", params={"name": "mnist-cnn--gate-lock"}, auth=trainer, timeout=10)
+    assert lock.status_code == 404, lock.text[:300]
+    created = requests.post(f"{api}/experiments/create", auth=trainer, json={"name": "made-by-pipeline"}, timeout=10)
+    assert created.status_code == 200, created.text[:300]
+
+
 def test_compose_tuners_share_one_study_in_its_own_postgres_database():
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
     tuner, postgres = compose["services"]["tuner"], compose["services"]["postgres"]
