@@ -5,7 +5,9 @@
   (:func:`label_metrics_by_route`): 20,000 random paths used to add 400,000 lines to ``/metrics``.
 - A request body must arrive within ``CLIENT_BODY_TIMEOUT_S`` (else 408) and under ``MAX_BODY_BYTES``
   (else 413), and it is read *before* the request takes one of ``SERVICE_MAX_CONCURRENCY`` slots:
-  clients that connect and never send cannot lock out clients that do.
+  clients that connect and never send cannot lock out clients that do. The bodies a worker holds at
+  once, read or being read, stay under ``MAX_BODY_BYTES_IN_FLIGHT`` (else 503 with Retry-After), so
+  many clients each sending almost ``MAX_BODY_BYTES`` cannot take a replica past its memory limit.
 - Request headers must arrive within ``CLIENT_HEADER_TIMEOUT_S`` (:class:`HeaderTimeoutProtocol`, an
   uvicorn protocol, since headers are read before any ASGI code runs), else 408 and the connection
   is closed.
@@ -43,6 +45,7 @@ class EdgeLimits:
     max_body_bytes: int
     body_timeout_s: float
     max_concurrency: int
+    max_body_bytes_in_flight: int | None = None  # None: 4 x max_body_bytes
 
 
 class RouteTable:
@@ -81,6 +84,8 @@ class Edge:
         self._routes = routes
         self._table: RouteTable | None = None
         self._slots = asyncio.Semaphore(limits.max_concurrency)
+        self._body_budget = limits.max_body_bytes_in_flight or 4 * limits.max_body_bytes
+        self._bodies_in_flight = 0  # bytes of request bodies this worker holds now
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -108,10 +113,19 @@ class Edge:
         if path in PROBES:
             return await self.app(scope, receive, send_with_headers)
         if method in METHODS_WITH_BODY:
-            outcome = await self._read_body(receive)
-            if isinstance(outcome, tuple):
-                return await _answer(send_with_headers, *outcome, [(b"connection", b"close")])
-            receive = _replay(outcome, receive)
+            held = [0]
+            try:
+                outcome = await self._read_body(receive, held)
+                if isinstance(outcome, tuple):
+                    status, message = outcome
+                    retry = [(b"retry-after", b"1")] if status == 503 else []
+                    return await _answer(send_with_headers, status, message, [(b"connection", b"close"), *retry])
+                return await self._admit(scope, _replay(outcome, receive), send_with_headers)
+            finally:
+                self._bodies_in_flight -= held[0]
+        return await self._admit(scope, receive, send_with_headers)
+
+    async def _admit(self, scope: dict, receive: Callable, send_with_headers: Callable) -> None:
         if self._slots.locked():
             return await _answer(
                 send_with_headers,
@@ -122,8 +136,9 @@ class Edge:
         async with self._slots:
             await self.app(scope, receive, send_with_headers)
 
-    async def _read_body(self, receive: Callable) -> bytes | tuple[int, str]:
-        """The whole body, or (status, message) when it is too slow or too large."""
+    async def _read_body(self, receive: Callable, held: list[int]) -> bytes | tuple[int, str]:
+        """The whole body, or (status, message) when it is too slow, too large, or more than this
+        worker's budget for bodies in flight; ``held[0]`` counts the bytes it took from that budget."""
         limit, parts, size = self.limits.max_body_bytes, [], 0
         try:
             async with asyncio.timeout(self.limits.body_timeout_s):  # one timer for the whole body, no task
@@ -135,6 +150,10 @@ class Edge:
                     size += len(chunk)
                     if size > limit:
                         return 413, f"request body is over the limit of {limit} bytes"
+                    if self._bodies_in_flight + len(chunk) > self._body_budget:
+                        return 503, "the server holds too many request bodies at once; retry shortly"
+                    self._bodies_in_flight += len(chunk)
+                    held[0] += len(chunk)
                     parts.append(chunk)
                     if not message.get("more_body", False):
                         return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -7,6 +7,9 @@ to clients.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import ClassVar
 
 import grpc
@@ -69,3 +72,35 @@ def error_response(status: int, message: str) -> Response:
 
 def response_for(error: ServiceError) -> Response:
     return error_response(error.http_status, str(error))
+
+
+class ClientErrorLog:
+    """One WARNING line per client error, at most ``burst`` lines per ``window_s`` per worker; past that,
+    one summary line per window counts what was left out.
+
+    Clients decide how many errors they cause: an overload burst used to write one line per shed
+    request (13,736 lines in 10 s), spending the worker's time on logging just when it sheds load.
+    Counts by status are in ``/metrics`` (BentoML's request counter, labelled by status code).
+    """
+
+    def __init__(self, logger: logging.Logger, burst: int = 20, window_s: float = 10.0) -> None:
+        self.logger, self.burst, self.window_s = logger, burst, window_s
+        self._lock = threading.Lock()
+        self._window_started = time.monotonic()
+        self._logged = self._left_out = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window_started >= self.window_s:
+                left_out, self._left_out, self._logged = self._left_out, 0, 0
+                self._window_started = now
+                if left_out:
+                    self.logger.warning(
+                        "... and %d more client errors in the last %.0f s, not logged one by one", left_out, self.window_s
+                    )
+            if self._logged >= self.burst:
+                self._left_out += 1
+                return
+            self._logged += 1
+        self.logger.warning(message, *args)

@@ -2,7 +2,9 @@
 
 ``tensorflow.serving.PredictionService`` (``Predict``, ``GetModelMetadata``) and
 ``tensorflow.serving.ModelService`` (``GetModelStatus``), with the stock stubs from
-``tensorflow_serving.apis``, plus the standard health service and server reflection. The server runs
+``tensorflow_serving.apis``, plus the standard health service and server reflection. A request whose
+bytes are not the method's protobuf answers INVALID_ARGUMENT, as TensorFlow Serving does (gRPC's own
+handlers would answer UNKNOWN and log a traceback per request). The server runs
 on the worker's event loop; with several workers each binds ``GRPC_PORT`` with ``SO_REUSEPORT`` (gRPC's
 default on Linux), so the kernel spreads connections over the workers. ``Classify`` and ``Regress``
 answer UNIMPLEMENTED: the signature is a predict signature.
@@ -10,11 +12,16 @@ answer UNIMPLEMENTED: the signature is a predict signature.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import (
@@ -29,9 +36,10 @@ from tensorflow_serving.apis import (
 
 from service import tfserving
 from service.core import ServingCore
-from service.errors import ServiceError
+from service.errors import ClientErrorLog, ServiceError
 
 logger = logging.getLogger("digits.grpc")
+client_errors = ClientErrorLog(logger)
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 Reply = TypeVar("Reply")
@@ -42,9 +50,54 @@ async def _answer(context: grpc.aio.ServicerContext, method: str, work: Callable
         return await work()
     except ServiceError as error:
         if error.grpc_code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-            logger.warning("gRPC %s answered %s: %s", method, error.grpc_code.name, error)
+            client_errors.warning("gRPC %s answered %s: %s", method, error.grpc_code.name, error)
         await context.abort(error.grpc_code, str(error))
         raise  # abort raises; this line is never reached
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a request deserializes to when its bytes are not the expected protobuf."""
+
+    message_type: str
+    reason: str
+
+
+def _tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_class.DESCRIPTOR.full_name, str(exc) or "cannot parse")
+
+    return deserialize
+
+
+def _checked(method: str, handler: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            message = f"the request is not a valid {request.message_type} protobuf ({request.reason})"
+            client_errors.warning("gRPC %s answered INVALID_ARGUMENT: %s", method, message)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        answer = handler(request, context)  # the base servicer's unimplemented methods are plain functions
+        return await answer if inspect.isawaitable(answer) else answer
+
+    return call
+
+
+def service_handler(service: ServiceDescriptor, servicer: Any) -> grpc.GenericRpcHandler:
+    """The servicer's unary methods for ``service``, as the generated ``add_*_to_server`` would register
+    them, but with requests that do not parse answered INVALID_ARGUMENT."""
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _checked(method.name, getattr(servicer, method.name)),
+            request_deserializer=_tolerant_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -102,8 +155,14 @@ class GrpcFront:
                 ("grpc.max_send_message_length", max_message_bytes),
             ]
         )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core, max_images), self.server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core), self.server)
+        self.server.add_generic_rpc_handlers(
+            (
+                service_handler(
+                    prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"], PredictionService(core, max_images)
+                ),
+                service_handler(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelService(core)),
+            )
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (PREDICTION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

@@ -25,6 +25,7 @@ from starlette.responses import HTMLResponse, Response
 from service import tfserving
 from service.core import ServingCore
 from service.errors import (
+    ClientErrorLog,
     InputError,
     NotFound,
     PayloadTooLarge,
@@ -38,6 +39,7 @@ from service.inputs import pixels_from_image_bytes, pixels_from_json
 from service.runtime import ModelLoadError, Prediction, RegistryUnavailable
 
 logger = logging.getLogger("digits.http")
+client_errors = ClientErrorLog(logger)
 STATIC = Path(__file__).parent / "static"
 DRAW_PAGE = (STATIC / "draw.html").read_text()
 DRAW_ASSETS = {
@@ -61,7 +63,7 @@ def _settings(request: Request) -> Any:
 
 @app.exception_handler(ServiceError)
 async def _client_error(request: Request, error: ServiceError) -> Response:
-    logger.warning("%s [%s] answered %d: %s", request.url.path, request.method, error.http_status, error)
+    client_errors.warning("%s [%s] answered %d: %s", request.url.path, request.method, error.http_status, error)
     return response_for(error)
 
 
@@ -333,7 +335,7 @@ class HotRoutes:
         except ClientDisconnect:
             return
         except ServiceError as error:
-            logger.warning("%s [POST] answered %d: %s", scope["path"], error.http_status, error)
+            client_errors.warning("%s [POST] answered %d: %s", scope["path"], error.http_status, error)
             status, payload, extra = error.http_status, error_body(str(error)), []
         except Exception:
             logger.exception("%s [POST] failed", scope["path"])

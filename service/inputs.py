@@ -38,6 +38,10 @@ def pixels_from_json(value: Any, max_images: int, what: str = "input") -> np.nda
         raise InputError(f"{what} must be a 28x28 list of pixel values or a list of such images, not {type(value).__name__}")
     if not value:
         raise InputError(f"{what} is an empty list; send at least one 28x28 image")
+    if len(value) > max_images and isinstance(value[0], list) and value[0] and isinstance(value[0][0], list):
+        # a list of images, too many of them: refused before converting, which would hold the event loop
+        # for most of a second on a 16 MiB body
+        raise InputError(f"{what} has {len(value)} images; at most {max_images} per request")
     try:
         array = np.asarray(value)
     except ValueError:

@@ -87,7 +87,18 @@ def start_process(
 
 
 def stop_process(running: RunningProcess, timeout: float = 30) -> None:
-    """SIGTERM to the process group, SIGKILL after ``timeout`` seconds."""
+    """SIGTERM to the process group, SIGKILL after ``timeout`` seconds; then SIGKILL to any of its
+    descendants still running.
+
+    The descendants are listed before the first signal, by parentage rather than by group: BentoML
+    starts its workers in sessions of their own, so a group kill alone would leave a worker serving,
+    holding its ports, once the parent is gone."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(running.process.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
     if running.process.poll() is None:
         os.killpg(running.process.pid, signal.SIGTERM)
         try:
@@ -95,6 +106,13 @@ def stop_process(running: RunningProcess, timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(running.process.pid, signal.SIGKILL)
             running.process.wait(timeout=10)
+    _, alive = psutil.wait_procs(descendants, timeout=timeout)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 stop_service = stop_process

@@ -97,7 +97,9 @@ edge.install_header_timeout(SETTINGS.client_header_timeout_s)
 edge.label_metrics_by_route(lambda: edge.RouteTable(http.app.routes))
 Digits.add_asgi_middleware(
     edge.Edge,
-    limits=edge.EdgeLimits(SETTINGS.max_body_bytes, SETTINGS.client_body_timeout_s, SETTINGS.max_concurrency),
+    limits=edge.EdgeLimits(
+        SETTINGS.max_body_bytes, SETTINGS.client_body_timeout_s, SETTINGS.max_concurrency, SETTINGS.max_body_bytes_in_flight
+    ),
     routes=lambda: edge.RouteTable(http.app.routes),
 )
 if SETTINGS.batcher == "bentoml":

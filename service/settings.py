@@ -45,6 +45,7 @@ class Settings:
     admin_token: str | None
     max_images_per_request: int
     max_body_bytes: int
+    max_body_bytes_in_flight: int
     batching: bool
     batch_max_size: int
     batch_max_latency_ms: int
@@ -114,6 +115,7 @@ class Settings:
             admin_token=os.environ.get("ADMIN_TOKEN") or None,
             max_images_per_request=max_images,
             max_body_bytes=_int("MAX_BODY_BYTES", 16 * 1024 * 1024),
+            max_body_bytes_in_flight=_int("MAX_BODY_BYTES_IN_FLIGHT", 4 * _int("MAX_BODY_BYTES", 16 * 1024 * 1024)),
             batching=_bool("BATCHING", True),
             batch_max_size=_int("BATCH_MAX_SIZE", max_images),  # never split a request
             batch_max_latency_ms=_int("BATCH_MAX_LATENCY_MS", 1000),

@@ -167,6 +167,48 @@ def test_requests_over_the_concurrency_limit_get_429_with_retry_after():
     assert status == 429 and "at most 2" in body["error"] and (b"retry-after", b"1") in sent[0]["headers"]
 
 
+@pytest.mark.parametrize(("budget", "status"), [(150, 503), (200, 200)])
+def test_bodies_held_at_once_stay_within_the_workers_budget(budget, status):
+    """A first body of 90 bytes is still arriving; a second of 90 fits a budget of 200, not of 150."""
+    limits = EdgeLimits(max_body_bytes=100, body_timeout_s=0.3, max_concurrency=4, max_body_bytes_in_flight=budget)
+
+    async def app(scope: dict, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": (await receive())["body"]})
+
+    edge = Edge(app, limits, lambda: RouteTable(http.app.routes))
+    scope = {"type": "http", "path": "/predict", "method": "POST", "headers": []}
+
+    async def main() -> list[dict]:
+        first = [{"type": "http.request", "body": b"x" * 90, "more_body": True}]
+
+        async def trickle() -> dict:
+            return first.pop() if first else await asyncio.sleep(1.0)  # then silence: a 408 at 0.3 s
+
+        async def ignore(message: dict) -> None:
+            pass
+
+        held = asyncio.create_task(edge(scope=dict(scope), receive=trickle, send=ignore))
+        await asyncio.sleep(0.05)
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"y" * 90, "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await edge(scope=dict(scope), receive=receive, send=send)
+        await held
+        return sent
+
+    sent = asyncio.run(main())
+    answer, body = status_and_json(sent)
+    assert answer == status
+    if status == 503:
+        assert "too many request bodies" in body["error"] and (b"retry-after", b"1") in sent[0]["headers"]
+
+
 @pytest.mark.parametrize(("path", "method", "status"), [("/nope", "GET", 404), ("/predict", "GET", 405)])
 def test_unknown_paths_and_methods_get_json_errors(path, method, status):
     answer, body = status_and_json(run_edge(LIMITS, [], path=path, method=method))

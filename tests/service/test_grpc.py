@@ -124,6 +124,25 @@ def test_bad_calls_get_tf_serving_status_codes_and_the_service_keeps_serving(cha
     assert tf.make_ndarray(stub.Predict(predict_request(sample["x_test"][:1]), timeout=30).outputs["digit"]).shape == (1,)
 
 
+def test_bytes_that_are_not_a_protobuf_get_invalid_argument_and_one_log_line(channel, service, sample):
+    """TF Serving answers INVALID_ARGUMENT; gRPC's own handlers answered UNKNOWN with a traceback per call."""
+    raw = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")  # bytes in, bytes out
+    for _ in range(30):
+        with pytest.raises(grpc.RpcError) as failed:
+            raw(b"\xff\xff\xff not a protobuf", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
+        assert "not a valid tensorflow.serving.PredictRequest" in failed.value.details()
+    unimplemented = channel.unary_unary("/tensorflow.serving.PredictionService/Classify")
+    with pytest.raises(grpc.RpcError) as failed:
+        unimplemented(b"", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    assert tf.make_ndarray(stub.Predict(predict_request(sample["x_test"][:1]), timeout=30).outputs["digit"]).shape == (1,)
+    log = service.log()
+    assert "Traceback" not in log
+    assert log.count("answered INVALID_ARGUMENT: the request is not a valid") <= 20  # at most a burst per window
+
+
 def test_health_service_and_reflection(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for name in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):

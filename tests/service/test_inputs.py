@@ -51,6 +51,14 @@ def test_bad_json_inputs_are_rejected_with_a_reason(value, message):
         pixels_from_json(value, max_images=10)
 
 
+def test_too_many_images_are_refused_before_the_list_is_converted():
+    """The count is checked on the parsed list itself: a body of thousands of images costs no
+    conversion (the last image here would make the conversion fail as ragged)."""
+    value = [[[0] * 28] * 28] * 10 + [[["not", "an", "image"]]]
+    with pytest.raises(InputError, match="has 11 images; at most 10"):
+        pixels_from_json(value, max_images=10)
+
+
 def test_mnist_digit_written_as_dark_on_light_png_comes_back_as_itself(sample):
     for image in sample["x_test"][:20]:
         big = np.asarray(Image.fromarray(255 - image).resize((112, 112), Image.Resampling.BICUBIC))
