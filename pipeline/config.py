@@ -24,16 +24,27 @@ class DataConfig(_Strict):
     validation_split: float = Field(0.1, gt=0.0, lt=1.0)
 
 
+class ElasticConfig(_Strict):
+    """Elastic distortion (Simard, Steinkraus & Platt 2003): a random displacement field, smoothed by a
+    Gaussian of ``sigma`` pixels and scaled by ``alpha`` pixels, moves every pixel of a training image."""
+
+    alpha: float = Field(gt=0.0, le=64.0)
+    sigma: float = Field(gt=0.0, le=16.0)
+
+
 class AugmentationConfig(_Strict):
     rotation: float = Field(0.0, ge=0.0, le=0.5)
     translation: float = Field(0.0, ge=0.0, le=0.5)
     zoom: float = Field(0.0, ge=0.0, le=0.5)
+    elastic: ElasticConfig | None = None
 
 
 class ConvBlock(_Strict):
     filters: int = Field(gt=0)
     kernel_size: int = Field(3, gt=0)
     convs: int = Field(1, gt=0)
+    strides: Literal[1, 2] = 1  # of the block's first conv: 2 halves the feature maps, as a pool would, for less work
+    pool: bool = True  # 2x2 max pooling at the end of the block
 
 
 class ModelConfig(_Strict):

@@ -6,6 +6,7 @@ Input is raw pixels as float ``[N, 28, 28, 1]`` in 0-255; scaling (when configur
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
@@ -35,19 +36,23 @@ def build_model(cfg: ModelConfig) -> keras.Model:
             x = layers.RandomTranslation(aug.translation, aug.translation, fill_mode="constant", name="aug_translation")(x)
         if aug.zoom:
             x = layers.RandomZoom(aug.zoom, fill_mode="constant", name="aug_zoom")(x)
+        if aug.elastic:
+            x = ElasticDistortion(aug.elastic.alpha, aug.elastic.sigma, name="aug_elastic")(x)
     if cfg.rescale:
         x = layers.Rescaling(1.0 / 255, name="rescale")(x)
 
     for i, block in enumerate(cfg.conv_blocks, start=1):
         for j in range(1, block.convs + 1):
             name = f"conv{i}_{j}"
+            strides = block.strides if j == 1 else 1
             if cfg.batch_norm:
-                x = layers.Conv2D(block.filters, block.kernel_size, padding="same", use_bias=False, name=name)(x)
+                x = layers.Conv2D(block.filters, block.kernel_size, strides, padding="same", use_bias=False, name=name)(x)
                 x = layers.BatchNormalization(name=f"{name}_bn")(x)
                 x = layers.Activation("relu", name=f"{name}_relu")(x)
             else:
-                x = layers.Conv2D(block.filters, block.kernel_size, padding="same", activation="relu", name=name)(x)
-        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
+                x = layers.Conv2D(block.filters, block.kernel_size, strides, padding="same", activation="relu", name=name)(x)
+        if block.pool:
+            x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
         if cfg.conv_dropout:
             x = layers.Dropout(cfg.conv_dropout, name=f"pool{i}_dropout")(x)
 
@@ -61,6 +66,72 @@ def build_model(cfg: ModelConfig) -> keras.Model:
             x = layers.Dropout(cfg.dense_dropout, name=f"dense{k}_dropout")(x)
     outputs = layers.Dense(NUM_CLASSES, activation="softmax", name=SIGNATURE.probabilities)(x)
     return keras.Model(inputs, outputs, name="mnist_cnn")
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class ElasticDistortion(layers.Layer):
+    """Elastic distortion of a batch of ``[N, H, W, C]`` images, in training only (Simard, Steinkraus &
+    Platt, "Best practices for convolutional neural networks applied to visual document analysis", 2003).
+
+    Each image gets its own displacement field: uniform noise in [-1, 1] per pixel and axis, smoothed by
+    a Gaussian of standard deviation ``sigma`` pixels and scaled by ``alpha`` pixels; every pixel is then
+    read, bilinearly, from its displaced position (zero outside the image, MNIST's background). It is a
+    layer of the model like Keras's random rotation or zoom, so it runs inside the training graph, on
+    each batch, and is the identity at inference.
+    """
+
+    def __init__(self, alpha: float, sigma: float, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.alpha, self.sigma, self.seed = float(alpha), float(sigma), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        radius = max(1, math.ceil(3 * self.sigma))
+        taps = keras.ops.exp(-0.5 * (keras.ops.arange(-radius, radius + 1, dtype="float32") / self.sigma) ** 2)
+        self._taps = taps / keras.ops.sum(taps)
+
+    def call(self, images: Any, training: bool | None = None) -> Any:
+        if not training:
+            return images
+        shape = keras.ops.shape(images)
+        batch, height, width = shape[0], shape[1], shape[2]
+        noise = keras.random.uniform((batch, height, width, 2), -1.0, 1.0, seed=self.seed_generator)
+        taps = keras.ops.cast(self._taps, noise.dtype)
+        size = keras.ops.shape(taps)[0]
+        # a separable Gaussian: one depthwise pass down the columns, one along the rows
+        field = keras.ops.depthwise_conv(
+            noise, keras.ops.tile(keras.ops.reshape(taps, (size, 1, 1, 1)), (1, 1, 2, 1)), padding="same"
+        )
+        field = keras.ops.depthwise_conv(
+            field, keras.ops.tile(keras.ops.reshape(taps, (1, size, 1, 1)), (1, 1, 2, 1)), padding="same"
+        )
+        field = field * self.alpha
+        rows = keras.ops.cast(keras.ops.arange(height), noise.dtype)[None, :, None] + field[..., 0]
+        cols = keras.ops.cast(keras.ops.arange(width), noise.dtype)[None, None, :] + field[..., 1]
+        return _bilinear(images, rows, cols)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "alpha": self.alpha, "sigma": self.sigma, "seed": self.seed}
+
+
+def _bilinear(images: Any, rows: Any, cols: Any) -> Any:
+    """``images[n, rows[n, i, j], cols[n, i, j], :]`` read bilinearly at fractional positions, zero outside."""
+    shape = keras.ops.shape(images)
+    batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+    flat = keras.ops.reshape(images, (-1, channels))
+    base = (keras.ops.arange(batch) * height * width)[:, None, None]
+    top, left = keras.ops.floor(rows), keras.ops.floor(cols)
+    out = 0.0
+    for r, weight_r in ((top, 1.0 - (rows - top)), (top + 1.0, rows - top)):
+        for c, weight_c in ((left, 1.0 - (cols - left)), (left + 1.0, cols - left)):
+            inside = (r >= 0) & (r <= keras.ops.cast(height - 1, r.dtype)) & (c >= 0) & (c <= keras.ops.cast(width - 1, c.dtype))
+            ri = keras.ops.clip(keras.ops.cast(r, "int32"), 0, height - 1)
+            ci = keras.ops.clip(keras.ops.cast(c, "int32"), 0, width - 1)
+            values = keras.ops.take(flat, keras.ops.reshape(base + ri * width + ci, (-1,)), axis=0)
+            weight = keras.ops.where(inside, weight_r * weight_c, 0.0)
+            out = out + keras.ops.reshape(values, shape) * weight[..., None]
+    return out
 
 
 def make_optimizer(cfg: TrainingConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
