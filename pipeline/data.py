@@ -67,11 +67,12 @@ class MnistData:
             h.update(np.ascontiguousarray(array).tobytes())
         return h.hexdigest()[:16]
 
-    def split(self, validation_split: float, seed: int) -> Splits:
-        """Seeded shuffle of the training set into train/validation; the test set is untouched."""
+    def split(self, validation_split: float, seed: int, train_limit: int | None = None) -> Splits:
+        """Seeded shuffle of the training set into train/validation; the test set is untouched.
+        ``train_limit`` keeps only the first that many training images (a random subset)."""
         order = np.random.default_rng(seed).permutation(len(self.x_train))
         n_val = max(1, int(round(len(order) * validation_split)))
-        val, train = order[:n_val], order[n_val:]
+        val, train = order[:n_val], order[n_val:][:train_limit]
         return Splits(
             self.x_train[train],
             self.y_train[train],

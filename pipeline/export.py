@@ -25,16 +25,8 @@ import tensorflow as tf
 
 from contract import IMAGE_SHAPE, SIGNATURE, servable_dir
 from pipeline.errors import ExportError
-from pipeline.model import ElasticDistortion, model_input
+from pipeline.model import TRAINING_ONLY, layer_chain, model_input
 from pipeline.tracking import process_started
-
-TRAINING_ONLY = (
-    keras.layers.Dropout,
-    keras.layers.RandomRotation,
-    keras.layers.RandomTranslation,
-    keras.layers.RandomZoom,
-    ElasticDistortion,
-)
 
 
 def fold_batch_norm(model: keras.Model) -> keras.Model:
@@ -46,12 +38,12 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
     a chain of layers (every model :func:`pipeline.model.build_model` makes is one). A model without
     BatchNormalization is returned as it is.
     """
-    chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if not any(isinstance(layer, keras.layers.BatchNormalization) for layer in chain):
+    if not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers):
         return model
-    inputs_expected = [model.inputs[0], *(layer.output for layer in chain[:-1])]
-    if any(layer.input is not expected for layer, expected in zip(chain, inputs_expected, strict=True)):
-        raise ExportError("cannot fold batch normalization: the model is not a chain of layers")
+    try:
+        chain = layer_chain(model)
+    except ValueError as exc:
+        raise ExportError(f"cannot fold batch normalization: {exc}") from None
     chain = [layer for layer in chain if not isinstance(layer, TRAINING_ONLY)]
     inputs = keras.Input(shape=model.input_shape[1:], name=model.inputs[0].name)
     x, i = inputs, 0
@@ -84,7 +76,7 @@ def _folded_weights(layer: keras.layers.Layer, bn: keras.layers.BatchNormalizati
     return [(kernel * scale).astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)]
 
 
-def export_to_staging(model: keras.Model, export_base: Path) -> Path:
+def export_to_staging(model: keras.Model, export_base: Path, fold: bool = True) -> Path:
     """Write the inference model (:func:`fold_batch_norm`) as a SavedModel into a hidden staging
     directory under ``<base>/mnist``.
 
@@ -96,7 +88,7 @@ def export_to_staging(model: keras.Model, export_base: Path) -> Path:
     pid = os.getpid()
     staging = servable / f".staging-{pid}-{process_started(pid):.0f}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
 
-    inference = fold_batch_norm(model)
+    inference = fold_batch_norm(model) if fold else model  # fold=False: for comparisons (scripts/benchmark_models.py)
 
     @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name=SIGNATURE.input)])
     def serve(pixels: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -73,7 +73,7 @@ def run_training(
             data = data_module.load(data_spec)
             say(f"data: {data_spec.describe()} train={len(data.x_train)} test={len(data.x_test)} digest={data.digest}")
             _log_dataset(data)
-            splits = data.split(cfg.data.validation_split, cfg.seed)
+            splits = data.split(cfg.data.validation_split, cfg.seed, cfg.data.train_limit)
 
             step = _step(say, "train")
             say(plan(cfg, len(splits.x_train)))
@@ -107,7 +107,7 @@ def run_worker(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Callab
     _join_cluster(say, chief=False)
     data = data_module.load(data_spec)
     say(f"data: {data_spec.describe()} train={len(data.x_train)} digest={data.digest}")
-    splits = data.split(cfg.data.validation_split, cfg.seed)
+    splits = data.split(cfg.data.validation_split, cfg.seed, cfg.data.train_limit)
     result = train(cfg, splits, say, track=False)
     say(f"trained {result.epochs_run} epochs on {result.replicas} replica(s) in {result.wall_time_s:.1f}s")
     say("waiting for the chief to evaluate, export, register and gate")

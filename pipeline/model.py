@@ -47,7 +47,7 @@ def build_model(cfg: ModelConfig) -> keras.Model:
             strides = block.strides if j == 1 else 1
             if cfg.batch_norm:
                 x = layers.Conv2D(block.filters, block.kernel_size, strides, padding="same", use_bias=False, name=name)(x)
-                x = layers.BatchNormalization(name=f"{name}_bn")(x)
+                x = layers.BatchNormalization(momentum=cfg.batch_norm_momentum, name=f"{name}_bn")(x)
                 x = layers.Activation("relu", name=f"{name}_relu")(x)
             else:
                 x = layers.Conv2D(block.filters, block.kernel_size, strides, padding="same", activation="relu", name=name)(x)
@@ -60,7 +60,7 @@ def build_model(cfg: ModelConfig) -> keras.Model:
     for k, units in enumerate(cfg.dense_units, start=1):
         x = layers.Dense(units, use_bias=not cfg.batch_norm, name=f"dense{k}")(x)
         if cfg.batch_norm:
-            x = layers.BatchNormalization(name=f"dense{k}_bn")(x)
+            x = layers.BatchNormalization(momentum=cfg.batch_norm_momentum, name=f"dense{k}_bn")(x)
         x = layers.Activation("relu", name=f"dense{k}_relu")(x)
         if cfg.dense_dropout:
             x = layers.Dropout(cfg.dense_dropout, name=f"dense{k}_dropout")(x)
@@ -154,6 +154,53 @@ def compile_model(model: keras.Model, cfg: TrainingConfig, steps_per_epoch: int)
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=["accuracy"],
     )
+
+
+TRAINING_ONLY = (
+    layers.Dropout,
+    layers.RandomRotation,
+    layers.RandomTranslation,
+    layers.RandomZoom,
+    ElasticDistortion,
+)
+
+
+def layer_chain(model: keras.Model) -> list[layers.Layer]:
+    """The model's layers in order, checked to be a chain (each takes the previous one's output), as every
+    model :func:`build_model` makes is; the export's folding and :func:`recalibrate_batch_norm` rely on it."""
+    chain = [layer for layer in model.layers if not isinstance(layer, layers.InputLayer)]
+    inputs_expected = [model.inputs[0], *(layer.output for layer in chain[:-1])]
+    if any(layer.input is not expected for layer, expected in zip(chain, inputs_expected, strict=True)):
+        raise ValueError(f"model {model.name} is not a chain of layers")
+    return chain
+
+
+def recalibrate_batch_norm(model: keras.Model, pixels: Any, batch_size: int = 1024) -> int:
+    """Re-estimate every BatchNormalization's moving mean and variance on clean images with the final
+    weights; returns how many layers it updated.
+
+    During training the moving statistics trail the weights (an exponential average over the last
+    steps) and see augmented images; inference sees clean ones. Here they become the plain average of
+    each batch's statistics over ``pixels`` (uint8 ``[N, 28, 28]``), in inference mode for every other
+    layer: no augmentation, no dropout.
+    """
+    chain = layer_chain(model)
+    norms = [layer for layer in chain if isinstance(layer, layers.BatchNormalization)]
+    if not norms:
+        return 0
+    momenta = [norm.momentum for norm in norms]
+    try:
+        for k, start in enumerate(range(0, len(pixels), batch_size)):
+            for norm in norms:
+                norm.momentum = k / (k + 1)  # after batch k, the mean of batches 0..k
+            x = model_input(pixels[start : start + batch_size])
+            for layer in chain:
+                if not isinstance(layer, TRAINING_ONLY):
+                    x = layer(x, training=isinstance(layer, layers.BatchNormalization))
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+    return len(norms)
 
 
 def first_conv_layer(model: keras.Model) -> layers.Conv2D:
