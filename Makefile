@@ -4,7 +4,10 @@ VENV ?= .venv
 CONFIG ?= champion
 PORT ?= 3000
 UI_PORT ?= 5000
-TRIALS ?= 40
+TRIALS ?= 60
+SPACE ?= fast
+# cheap trials (a subset of the images, few epochs, Hyperband), the best two retrained on all of them
+TUNE_ARGS ?= --set data.train_limit=15000 --retrain-top 2 --retrain-set epochs=40
 BIN := $(VENV)/bin
 
 .PHONY: run announce train tune serve bento draw ui test test-fast lint format install install-dev clean
@@ -30,9 +33,10 @@ announce:
 train:
 	$(BIN)/python -m pipeline train --config $(CONFIG)
 
-## make tune: a hyperparameter search of $(TRIALS) trials, an hour at most (python -m pipeline tune; README)
+## make tune: a hyperparameter search of $(TRIALS) trials over the $(SPACE) space, an hour at most, then the best
+## two retrained through the job and the gate (python -m pipeline tune; README)
 tune: install
-	$(BIN)/python -m pipeline tune --space champion --trials $(TRIALS) --timeout 3600
+	$(BIN)/python -m pipeline tune --space $(SPACE) --trials $(TRIALS) --timeout 3600 $(TUNE_ARGS)
 
 serve:
 	GRPC_HOST=$${GRPC_HOST:-$${HOST:-127.0.0.1}} $(BIN)/bentoml serve service:Digits --host $${HOST:-127.0.0.1} --port $(PORT)

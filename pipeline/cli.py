@@ -125,7 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", help="study database URL [$OPTUNA_STORAGE, else optuna.db beside the MLflow store]")
     tune.add_argument("--data", help="as for train")
     tune.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="fix a value for every trial"
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fix a value for every trial; a key the space varies is taken out of the search (e.g. --set "
+        "data.train_limit=10000 --set epochs=6 for cheap trials)",
     )
     tune.add_argument(
         "--objective",
@@ -137,7 +143,23 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--promote-best",
         action="store_true",
-        help="then train the most accurate Pareto trial through the normal job (export, registry, gate)",
+        help="then train the most accurate Pareto trial through the normal job (export, registry, gate); "
+        "the same as --retrain-top 1",
+    )
+    tune.add_argument(
+        "--retrain-top",
+        type=int,
+        default=0,
+        metavar="K",
+        help="then train the K most accurate Pareto trials (within --max-ms-per-image) on the full training data "
+        "through the normal job, each gated",
+    )
+    tune.add_argument(
+        "--retrain-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --retrain-top: a value for the retraining only (e.g. epochs=30 after trials of a few epochs)",
     )
     tune.add_argument("--max-ms-per-image", type=float, help="with --promote-best: only trials within this serving cost")
     tune.add_argument(
@@ -202,10 +224,8 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    import subprocess
-
     from pipeline import tune
-    from pipeline.config import load_config
+    from pipeline.config import load_config, override_values
     from pipeline.data import resolve_spec
     from pipeline.errors import ConfigError
     from pipeline.search_space import load_space
@@ -216,6 +236,10 @@ def _tune(args: argparse.Namespace) -> int:
     StopSignals().install()  # SIGTERM as Ctrl-C: the running trial fails, the finished ones stay
     space = load_space(args.space)
     config = args.config or space.base or DEFAULT_CONFIG
+    fixed = override_values(config, args.overrides)
+    if fixed:
+        space = space.without(fixed)
+        print(f"fixed for every trial (--set), not searched: {', '.join(f'{k}={v}' for k, v in fixed.items())}")
     space.check_against(config, args.overrides)
     study = tune.Study(
         name=args.study or space.path.stem,
@@ -225,6 +249,7 @@ def _tune(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         objective=args.objective,
         seed=args.seed,
+        fixed=fixed,
     )
     base = load_config(config, args.overrides)
     spec = resolve_spec(args.data, base.data.source, base.data.path)
@@ -238,15 +263,10 @@ def _tune(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 143 if "SIGTERM" in str(exc) else 130
-    if not args.promote_best:
+    top = max(args.retrain_top, 1 if args.promote_best else 0)
+    if not top:
         return 0
-    chosen = tune.choose(opened, args.max_ms_per_image)
-    path = tune.write_config(
-        tune.trial_config(chosen, study.name), args.write_config or Path("tuned") / f"{study.name}-trial-{chosen.number}.yaml"
-    )
-    print(f"promote-best: trial {chosen.number} (val_accuracy {chosen.values[0]:.4f}); config written to {path}; training it")
-    command = [sys.executable, "-m", "pipeline", "train", "--config", str(path), *(["--data", args.data] if args.data else [])]
-    return subprocess.run(command).returncode
+    return tune.retrain_top(opened, top, args.max_ms_per_image, args.retrain_set, args.data, args.write_config)
 
 
 def opened_trials(study) -> list:

@@ -9,7 +9,9 @@
         filters: {int: [8, 64], log: true}    # sampled for each block
         convs: {int: [1, 2]}
         kernel_size: {choice: [3, 5]}
+        first_stride: {choice: [1, 2]}        # optional: 2 = the first block strides instead of pooling
     pruning: {startup_trials: 3, warmup_epochs: 1, percentile: 50}
+    # or successive halving / Hyperband on epochs: {kind: hyperband, min_epochs: 1, reduction_factor: 3}
 
 Every key is checked before any trial runs: it must name a config setting, its range must be
 non-empty and of the right type, and each bound or choice must be a value the config accepts.
@@ -18,7 +20,7 @@ non-empty and of the right type, and each bound or choice must be a value the co
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from pipeline.errors import ConfigError
 SEARCH_DIR = Path(__file__).parent / "configs" / "search"
 CONV_BLOCKS = "model.conv_blocks"
 CONV_BLOCK_PARTS = ("blocks", "filters", "convs", "kernel_size")
+OPTIONAL_CONV_BLOCK_PARTS = ("first_stride",)
+PRUNERS = ("percentile", "successive_halving", "hyperband")
 
 
 @dataclass(frozen=True)
@@ -70,33 +74,53 @@ class ConvBlocks:
     filters: Param
     convs: Param
     kernel_size: Param
+    first_stride: Param | None = None  # 2: the first block's first conv strides, and that block does not pool
 
     def suggest(self, trial: Any) -> list[dict[str, int]]:
         count = self.blocks.suggest(trial)
         convs, kernel = self.convs.suggest(trial), self.kernel_size.suggest(trial)
+        stride = self.first_stride.suggest(trial) if self.first_stride else 1
         return [
-            {"filters": self.filters.suggest(trial, f"{CONV_BLOCKS}.{i}.filters"), "kernel_size": kernel, "convs": convs}
+            {
+                "filters": self.filters.suggest(trial, f"{CONV_BLOCKS}.{i}.filters"),
+                "kernel_size": kernel,
+                "convs": convs,
+                **({"strides": 2, "pool": False} if i == 0 and stride == 2 else {}),
+            }
             for i in range(count)
         ]
 
     def extremes(self) -> list[Any]:
+        strides = self.first_stride.extremes() if self.first_stride else [1]
         return [
-            [{"filters": filters, "kernel_size": kernel, "convs": convs}] * blocks
+            [{"filters": filters, "kernel_size": kernel, "convs": convs, "strides": stride}]
+            + [{"filters": filters, "kernel_size": kernel, "convs": convs}] * (blocks - 1)
             for blocks in self.blocks.extremes()
             for filters in self.filters.extremes()
             for convs in self.convs.extremes()
             for kernel in self.kernel_size.extremes()
+            for stride in strides
         ]
 
 
 @dataclass(frozen=True)
 class Pruning:
-    """A trial stops early when, after ``warmup_epochs`` and once ``startup_trials`` trials have completed,
-    its validation accuracy is below the ``percentile`` of the completed trials' at the same epoch."""
+    """When a trial stops early, judged on its validation accuracy after each epoch.
+
+    ``percentile`` (the default): after ``warmup_epochs`` and once ``startup_trials`` trials have
+    completed, a trial below the ``percentile`` of the completed trials' accuracy at the same epoch stops.
+    ``successive_halving``: at epochs ``min_epochs * reduction_factor**k`` only the best
+    ``1/reduction_factor`` of the trials that reached that epoch go on (Optuna's SuccessiveHalvingPruner).
+    ``hyperband``: several successive-halving brackets with different ``min_epochs`` (Optuna's
+    HyperbandPruner), so that a slow starter is not always judged after one epoch.
+    """
 
     startup_trials: int = 3
     warmup_epochs: int = 1
     percentile: float = 50.0
+    kind: str = "percentile"
+    min_epochs: int = 1
+    reduction_factor: int = 3
 
 
 @dataclass(frozen=True)
@@ -109,6 +133,18 @@ class SearchSpace:
     def sample(self, trial: Any) -> dict[str, Any]:
         """One trial's values, by dotted config key."""
         return {key: param.suggest(trial) for key, param in self.params.items()}
+
+    def without(self, fixed: set[str] | dict[str, Any]) -> SearchSpace:
+        """This space less the settings ``fixed`` names (a ``--set`` key holds for every trial), and less
+        any setting inside a fixed section (fixing ``model.augmentation`` fixes its parts)."""
+        keep = {
+            key: param
+            for key, param in self.params.items()
+            if not any(key == name or key.startswith(f"{name}.") for name in fixed)
+        }
+        if not keep:
+            raise ConfigError(f"search space {self.path}: --set fixes every setting it varies ({', '.join(sorted(fixed))})")
+        return replace(self, params=keep)
 
     def check_against(self, config: str, overrides: list[str]) -> None:
         """Fail fast, naming the key, when a bound or choice is not a value ``config`` accepts."""
@@ -148,21 +184,33 @@ def load_space(name_or_path: str) -> SearchSpace:
         if key not in known:
             raise ConfigError(f"{where}: {key!r} is not a config setting (settings: {', '.join(sorted(known))})")
         if key == CONV_BLOCKS:
-            if not isinstance(spec, dict) or set(spec) != set(CONV_BLOCK_PARTS):
-                raise ConfigError(f"{where}: {key} needs exactly {', '.join(CONV_BLOCK_PARTS)}, each a range or choices")
-            parts = {part: _param(f"{key}.{part}", spec[part], where) for part in CONV_BLOCK_PARTS}
-            for part in ("blocks", "filters", "convs", "kernel_size"):
-                if parts[part].kind == "float":
+            if (
+                not isinstance(spec, dict)
+                or not set(CONV_BLOCK_PARTS) <= set(spec)
+                or set(spec) - {*CONV_BLOCK_PARTS, *OPTIONAL_CONV_BLOCK_PARTS}
+            ):
+                raise ConfigError(
+                    f"{where}: {key} needs exactly {', '.join(CONV_BLOCK_PARTS)} (and optionally "
+                    f"{', '.join(OPTIONAL_CONV_BLOCK_PARTS)}), each a range or choices"
+                )
+            parts = {part: _param(f"{key}.{part}", spec[part], where) for part in spec}
+            for part, param in parts.items():
+                if param.kind == "float":
                     raise ConfigError(f"{where}: {key}.{part} must be whole numbers (int or choice), not a float range")
             params[key] = ConvBlocks(**parts)
         else:
             params[key] = _param(key, spec, where)
     pruning = raw.get("pruning") or {}
-    if not isinstance(pruning, dict) or set(pruning) - {"startup_trials", "warmup_epochs", "percentile"}:
-        raise ConfigError(f"{where}: pruning takes startup_trials, warmup_epochs and percentile")
+    pruning_keys = set(Pruning.__dataclass_fields__)
+    if not isinstance(pruning, dict) or set(pruning) - pruning_keys:
+        raise ConfigError(f"{where}: pruning takes {', '.join(sorted(pruning_keys))}")
     prune = Pruning(**pruning)
+    if prune.kind not in PRUNERS:
+        raise ConfigError(f"{where}: pruning kind {prune.kind!r} is not one of {', '.join(PRUNERS)}")
     if prune.startup_trials < 0 or prune.warmup_epochs < 0 or not 0 <= prune.percentile <= 100:
         raise ConfigError(f"{where}: pruning needs startup_trials >= 0, warmup_epochs >= 0 and 0 <= percentile <= 100")
+    if prune.min_epochs < 1 or prune.reduction_factor < 2:
+        raise ConfigError(f"{where}: pruning needs min_epochs >= 1 and reduction_factor >= 2")
     base = raw.get("base")
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{where}: base must name a config")

@@ -12,12 +12,15 @@ trials the study should hold.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,15 @@ class Study:
     overrides: list[str]
     objective: str = "accuracy-cost"
     seed: int | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)  # what --set fixed for every trial (not in the space)
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs a trial can run (the space's upper bound, else the config's)."""
+        epochs = self.space.params.get("training.epochs")
+        if epochs is not None:
+            return int(max(epochs.extremes()))
+        return load_config(self.config, self.overrides).training.epochs
 
     @property
     def directions(self) -> tuple[str, ...]:
@@ -87,13 +99,10 @@ def sqlalchemy_url(storage: str) -> str:
 
 def open_study(study: Study) -> optuna.Study:
     """Create the study, or load it to resume; refuses one made with other objectives or another space."""
-    fingerprint = hashlib.sha256(study.space.path.read_bytes()).hexdigest()[:16]
+    fixed = json.dumps(study.fixed, sort_keys=True).encode()  # resuming with other --set values would mix fidelities
+    fingerprint = hashlib.sha256(study.space.path.read_bytes() + fixed).hexdigest()[:16]
     sampler = optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=5)
-    pruner = optuna.pruners.PercentilePruner(
-        study.space.pruning.percentile,
-        n_startup_trials=study.space.pruning.startup_trials,
-        n_warmup_steps=study.space.pruning.warmup_epochs,
-    )
+    pruner = optuna_pruner(study.space.pruning)
     for attempt in range(5):
         try:
             opened = optuna.create_study(
@@ -120,10 +129,21 @@ def open_study(study: Study) -> optuna.Study:
         opened.set_user_attr("config", study.config)
     elif recorded != fingerprint:
         raise ConfigError(
-            f"study {study.name!r} was created with another search space ({opened.user_attrs.get('space_file')}); "
-            "resume it with that file, or start a new study with --study"
+            f"study {study.name!r} was created with another search space ({opened.user_attrs.get('space_file')}) "
+            "or other --set values; resume it with the same ones, or start a new study with --study"
         )
     return opened
+
+
+def optuna_pruner(pruning: Pruning) -> optuna.pruners.BasePruner:
+    """Optuna's own pruner for a single-objective study (two-objective studies use :func:`should_prune`)."""
+    if pruning.kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=pruning.min_epochs, reduction_factor=pruning.reduction_factor)
+    if pruning.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=pruning.min_epochs, reduction_factor=pruning.reduction_factor)
+    return optuna.pruners.PercentilePruner(
+        pruning.percentile, n_startup_trials=pruning.startup_trials, n_warmup_steps=pruning.warmup_epochs
+    )
 
 
 def _redacted(storage: str) -> str:
@@ -135,8 +155,8 @@ def _redacted(storage: str) -> str:
 
 
 def should_prune(completed: list[list[float]], epoch: int, accuracy: float, pruning: Pruning) -> bool:
-    """Whether a trial at ``epoch`` (0-based) with this validation accuracy falls below the pruning
-    percentile of the completed trials' accuracies at the same epoch."""
+    """The percentile rule: whether a trial at ``epoch`` (0-based) with this validation accuracy falls
+    below the pruning percentile of the completed trials' accuracies at the same epoch."""
     if epoch < pruning.warmup_epochs:
         return False
     at_epoch = [history[epoch] for history in completed if len(history) > epoch]
@@ -145,19 +165,48 @@ def should_prune(completed: list[list[float]], epoch: int, accuracy: float, prun
     return accuracy < float(np.percentile(at_epoch, pruning.percentile))
 
 
+def halving_prunes(others: list[list[float]], epoch: int, accuracy: float, first_rung: int, reduction_factor: int) -> bool:
+    """Successive halving: at a rung (epochs ``first_rung * reduction_factor**k``), a trial goes on only
+    if its accuracy is among the best ``1/reduction_factor`` of the trials that reached that rung,
+    itself included (at least the best one goes on), as Optuna's SuccessiveHalvingPruner decides."""
+    done = epoch + 1
+    rung = first_rung
+    while rung < done:
+        rung *= reduction_factor
+    if rung != done:
+        return False
+    competing = sorted([history[epoch] for history in others if len(history) > epoch] + [accuracy], reverse=True)
+    promoted = max(len(competing) // reduction_factor, 1)
+    return accuracy < competing[promoted - 1]
+
+
+def hyperband_brackets(pruning: Pruning, max_epochs: int) -> int:
+    """How many successive-halving brackets Hyperband runs: each starts judging at
+    ``min_epochs * reduction_factor**bracket`` epochs, the last no later than ``max_epochs``."""
+    brackets, first = 1, pruning.min_epochs * pruning.reduction_factor
+    while first <= max_epochs:
+        brackets, first = brackets + 1, first * pruning.reduction_factor
+    return brackets
+
+
 class PruneOnValidationAccuracy(keras.callbacks.Callback):
     """Feeds each epoch's validation accuracy to the pruner and stops training when it says so.
 
-    With one objective, Optuna's own percentile pruner decides (``trial.report``/``should_prune``);
-    Optuna does not prune multi-objective studies, so there :func:`should_prune` applies the same rule
-    to the completed trials' per-epoch histories. Training stops after the epoch; the caller then
-    raises ``TrialPruned``, so the model is never half-trained inside Keras."""
+    With one objective, Optuna's own pruner decides (``trial.report``/``should_prune``). Optuna does not
+    prune multi-objective studies, so there the same rules run on the other trials' per-epoch
+    histories: the percentile rule against completed trials, or successive halving (Hyperband: within
+    the trial's bracket, ``trial.number`` modulo the number of brackets) against every trial that reached
+    the rung. Training stops after the epoch; the caller then raises ``TrialPruned``, so the model is
+    never half-trained inside Keras."""
 
-    def __init__(self, trial: optuna.Trial, pruning: Pruning) -> None:
+    def __init__(self, trial: optuna.Trial, pruning: Pruning, max_epochs: int = 1) -> None:
         super().__init__()
         self.trial, self.pruning = trial, pruning
         self.history: list[float] = []
         self.pruned_at: int | None = None
+        brackets = hyperband_brackets(pruning, max_epochs) if pruning.kind == "hyperband" else 1
+        self.bracket = trial.number % brackets
+        trial.set_user_attr("bracket", self.bracket)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         accuracy = float((logs or {}).get("val_accuracy", math.nan))
@@ -166,9 +215,17 @@ class PruneOnValidationAccuracy(keras.callbacks.Callback):
         if len(self.trial.study.directions) == 1:
             self.trial.report(accuracy, epoch)
             prune = self.trial.should_prune()
-        else:
+        elif self.pruning.kind == "percentile":
             completed = self.trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             prune = should_prune([t.user_attrs.get(HISTORY, []) for t in completed], epoch, accuracy, self.pruning)
+        else:
+            others = [
+                t.user_attrs.get(HISTORY, [])
+                for t in self.trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+                if t.number != self.trial.number and t.user_attrs.get("bracket", 0) == self.bracket
+            ]
+            first_rung = self.pruning.min_epochs * self.pruning.reduction_factor**self.bracket
+            prune = halving_prunes(others, epoch, accuracy, first_rung, self.pruning.reduction_factor)
         if prune:
             self.pruned_at = epoch
             self.model.stop_training = True
@@ -191,7 +248,7 @@ def run_trial(trial: optuna.Trial, study: Study, splits: data_module.Splits, say
         # the sampled values on their own too (numbers where the config holds lists): sortable, and what the
         # UI's parallel-coordinates view plots
         mlflow.log_params({**cfg.flat(), **{f"search.{key}": value for key, value in trial.params.items()}})
-        pruner = PruneOnValidationAccuracy(trial, study.space.pruning)
+        pruner = PruneOnValidationAccuracy(trial, study.space.pruning, study.max_epochs)
         result = train(cfg, splits, lambda line: say(f"  trial {trial.number} {line}"), [pruner])
         if pruner.pruned_at is not None:
             status, state = "KILLED", "PRUNED"
@@ -227,7 +284,7 @@ def run_study(
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported on its own progress line
     opened = open_study(study)
     data = data_module.load(data_spec)
-    splits = data.split(base.data.validation_split, base.seed)
+    splits = data.split(base.data.validation_split, base.seed, base.data.train_limit)
     scored_on = "validation accuracy and ms/image" if len(study.directions) == 2 else "validation accuracy"
     say(
         f"study {study.name} ({_redacted(study.storage)}): {len(_finished(opened))} of {trials} trials finished; "
@@ -240,6 +297,9 @@ def run_study(
     status = "FAILED"
     try:
         mlflow.log_params({"tune.config": study.config, "tune.objective": study.objective, "tune.trials": trials})
+        if study.fixed:  # --set values hold for every trial and are not searched
+            mlflow.log_params({f"fixed.{key}": value for key, value in study.fixed.items()})
+            mlflow.set_tag("tune.fixed", ", ".join(f"{key}={value}" for key, value in study.fixed.items()))
         mlflow.log_artifact(str(study.space.path), artifact_path="search_space")
         remaining = trials - len(_finished(opened))
         if remaining > 0:
@@ -300,13 +360,49 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(front, key=lambda t: (-t.values[0], t.number))
 
 
-def choose(study: optuna.Study, max_ms_per_image: float | None = None) -> FrozenTrial:
-    """The most accurate Pareto trial within the serving budget (ms/image), if one is given."""
-    front = [t for t in pareto_front(study) if max_ms_per_image is None or t.user_attrs["ms_per_image"] <= max_ms_per_image]
-    if not front:
+def choose(study: optuna.Study, max_ms_per_image: float | None = None, count: int = 1) -> list[FrozenTrial]:
+    """The ``count`` most accurate trials within the serving budget (ms/image), if one is given: the
+    Pareto front's first, then the other completed trials by accuracy."""
+    within = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if max_ms_per_image is None or t.user_attrs["ms_per_image"] <= max_ms_per_image
+    ]
+    front = [t for t in pareto_front(study) if t in within]
+    rest = sorted((t for t in within if t not in front), key=lambda t: (-t.values[0], t.number))
+    chosen = (front + rest)[:count]
+    if not chosen:
         budget = f" within {max_ms_per_image} ms/image" if max_ms_per_image is not None else ""
-        raise ConfigError(f"study {study.study_name} has no completed trial{budget} to promote")
-    return front[0]
+        raise ConfigError(f"study {study.study_name} has no completed trial{budget} to retrain")
+    return chosen
+
+
+def retrain_top(
+    study: optuna.Study,
+    count: int,
+    max_ms_per_image: float | None,
+    retrain_set: list[str],
+    data: str | None,
+    write_to: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> int:
+    """Train the ``count`` best trials' configs on the full training data (``data.train_limit`` lifted,
+    ``retrain_set`` applied) through the normal job, one ``python -m pipeline train`` each: every one
+    is exported, registered and gated like any training. Returns 0, or the first failing job's code."""
+    outcome = 0
+    for trial in choose(study, max_ms_per_image, count):
+        cfg = trial_config(trial, study.study_name)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train_limit": None})})
+        path = write_config(cfg, write_to if write_to and count == 1 else Path("tuned") / f"{cfg.name}.yaml")
+        say(f"retrain: trial {trial.number} (val_accuracy {trial.values[0]:.4f}) on the full training data; config {path}")
+        command = [sys.executable, "-m", "pipeline", "train", "--config", str(path), *(["--data", data] if data else [])]
+        for override in retrain_set:
+            command += ["--set", override]
+        code = subprocess.run(command).returncode
+        if code:
+            say(f"retrain: trial {trial.number} failed (exit {code})")
+            outcome = outcome or code
+    return outcome
 
 
 def trial_config(trial: FrozenTrial, study_name: str) -> PipelineConfig:

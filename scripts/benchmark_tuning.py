@@ -57,9 +57,9 @@ def main() -> int:
     study = optuna.load_study(study_name=args.study, storage=sqlalchemy_url(storage))
     front = pareto_front(study)
     try:
-        chosen, budget = choose(study, TARGETS["ms_per_image"]), TARGETS["ms_per_image"]
+        chosen, budget = choose(study, TARGETS["ms_per_image"])[0], TARGETS["ms_per_image"]
     except Exception:
-        chosen, budget = choose(study), None  # nothing within the budget: take the most accurate
+        chosen, budget = choose(study)[0], None  # nothing within the budget: take the most accurate
     config = workdir / "chosen.yaml"
     finished = sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.trials)
     promote = [sys.executable, "-m", "pipeline", "tune", "--trials", str(finished), *common]  # no new trials

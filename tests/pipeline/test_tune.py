@@ -125,6 +125,52 @@ def test_promote_best_retrains_the_chosen_trial_through_the_job_and_the_gate(tun
     assert "gate:" in proc.stdout
 
 
+def test_set_fixes_a_searched_key_subset_trials_learn_and_the_top_two_retrain_on_all_the_data(tmp_path):
+    """--set of a key the space varies holds for every trial; trials on 600 images with batch norm learn
+    (they scored at chance before: BN statistics trailing the weights); --retrain-top 2 trains the two
+    best through the job on the whole training split."""
+    args = tune_args(
+        "--set", "training.learning_rate=0.003", "--set", "data.train_limit=600", "--set", "model.batch_norm=true",
+        "--set", "training.batch_size=32", "--set", "model.global_pooling=false", "--retrain-top", "2", "--retrain-set", "epochs=1", trials=3, epochs=4,
+    )  # fmt: skip
+    proc = run_pipeline(args, store_env(tmp_path), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (fixed,) = [line for line in proc.stdout.splitlines() if line.startswith("fixed for every trial (--set), not searched:")]
+    assert "training.learning_rate=0.003" in fixed and "data.train_limit=600" in fixed
+    mlflow.set_tracking_uri(store_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    (parent,) = [run for run in runs if run.info.run_name == "tune search-tiny"]
+    assert parent.data.params["fixed.training.learning_rate"] == "0.003" and "learning_rate" in parent.data.tags["tune.fixed"]
+    trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 3
+    for trial in trials:
+        assert trial.data.params["training.learning_rate"] == "0.003" and "search.training.learning_rate" not in trial.data.params
+        assert trial.data.params["data.train_limit"] == "600"
+    study = optuna_study(tmp_path)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.user_attrs["val_accuracy"] > 0.3 for t in complete), [t.user_attrs for t in study.trials]
+
+    retrained = [run for run in runs if run.info.run_name.startswith("search-tiny-trial-") and "tune.trial" not in run.data.tags]
+    assert len(retrained) == 2, [run.info.run_name for run in runs]
+    for run in retrained:
+        assert run.info.status == "FINISHED" and run.data.params["data.train_limit"] == "None"
+        assert run.data.params["training.epochs"] == "1" and run.data.tags["gate_decision"] in ("promoted", "not promoted")
+    assert len(MlflowClient().search_model_versions("name='mnist-cnn'")) == 2
+
+
+def test_successive_halving_prunes_only_at_its_rungs(tmp_path):
+    space = tmp_path / "halving.yaml"
+    space.write_text(SPACE.read_text().replace(
+        "pruning: {startup_trials: 1, warmup_epochs: 0, percentile: 50}", "pruning: {kind: successive_halving, min_epochs: 1, reduction_factor: 3}"
+    ))  # fmt: skip
+    proc = run_pipeline([*tune_args(trials=4, epochs=3), "--space", str(space)], store_env(tmp_path), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna_study(tmp_path, "halving").trials
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, proc.stdout[-2000:]
+    assert all(len(t.user_attrs["val_accuracy_history"]) in (1, 3) for t in pruned)  # rungs at epochs 1 and 3
+
+
 def test_a_bad_space_fails_before_any_trial_naming_the_key(tmp_path):
     space = tmp_path / "bad.yaml"
     space.write_text("params:\n  training.learnig_rate: {float: [0.001, 0.01]}\n")
