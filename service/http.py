@@ -199,8 +199,16 @@ def draw_js() -> Response:
 
 @app.get("/model")
 def model(request: Request) -> Response:
-    """Name, version, alias, MLflow run id, test accuracy and load time of the model being served."""
-    return _json(_core(request).model().info.as_dict())
+    """Name, version, alias, MLflow run id, test accuracy and load time of the model being served, and
+    how this worker runs it (precision, why, TensorFlow's threads)."""
+    runtime, (intra, inter) = _core(request).runtime, request.app.state.threads
+    compute = {
+        "requested_precision": runtime.precision,
+        "precision_reason": runtime.precision_reason,
+        "intra_op_threads": intra,
+        "inter_op_threads": inter,
+    }
+    return _json({**_core(request).model().info.as_dict(), "compute": compute})
 
 
 class FailedAttempts:

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from contract import IMAGE_SHAPE, REGISTERED_MODEL, SAVED_MODEL_ARTIFACT, SIGNATURE, TEST_ACCURACY_TAG, sqlite_path
+from service.compute import choose_precision
 
 logger = logging.getLogger("digits.runtime")
 
@@ -44,6 +45,7 @@ class ModelInfo:
     source: str
     path: str
     loaded_at: str
+    precision: str = "fp32"  # what this worker runs it in (service.compute)
 
     def as_dict(self) -> dict[str, Any]:
         """What clients may see: no file paths of this worker."""
@@ -90,9 +92,13 @@ class ModelRuntime:
         poll_seconds: float = 0.0,
         registry_timeout_s: float = 10.0,
         on_switch: Callable[[ModelInfo | None, ModelInfo], None] | None = None,
+        precision: str = "fp32",
     ) -> None:
-        """``on_switch(old, new)`` is told of every model taken into service (``old`` is None at first)."""
+        """``on_switch(old, new)`` is told of every model taken into service (``old`` is None at first);
+        ``precision`` is ``MODEL_PRECISION`` (fp32, bf16 or auto: :mod:`service.compute`)."""
         self.model_uri = model_uri
+        self.precision = precision
+        self.precision_reason = "MODEL_PRECISION=fp32"
         self.on_switch = on_switch
         self.tracking_uri = tracking_uri
         self.poll_seconds = poll_seconds
@@ -243,22 +249,23 @@ class ModelRuntime:
                 # TensorFlow has read the variables into memory: the downloaded copy is not needed
                 # again, and keeping one per reload would fill the temp dir until shutdown.
                 shutil.rmtree(dst, ignore_errors=True)
-        loaded = LoadedModel(
-            ModelInfo(
-                name=source.name,
-                version=source.version,
-                alias=source.alias,
-                run_id=source.run_id,
-                test_accuracy=source.test_accuracy,
-                source=source.location,
-                path=str(path),
-                loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            ),
-            serve,
-            signature_def,
-            source.key,
-            saved,
+        info = ModelInfo(
+            name=source.name,
+            version=source.version,
+            alias=source.alias,
+            run_id=source.run_id,
+            test_accuracy=source.test_accuracy,
+            source=source.location,
+            path=str(path),
+            loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
+        loaded = LoadedModel(info, serve, signature_def, source.key, saved)
+        precision, self.precision_reason = choose_precision(self.precision, lambda pixels: loaded.predict(pixels)[0])
+        if precision != "bf16" and self.precision != "fp32":
+            logger.warning("version %s runs in fp32: %s", source.version, self.precision_reason)
+        elif precision == "bf16":
+            logger.info("version %s runs in bfloat16: %s", source.version, self.precision_reason)
+        loaded = LoadedModel(replace(info, precision=precision), serve, signature_def, source.key, saved)
         loaded.predict(np.zeros((1, *IMAGE_SHAPE), np.uint8))  # warm up before taking traffic
         return loaded
 

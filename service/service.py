@@ -18,7 +18,7 @@ import bentoml
 import quiet
 
 quiet.import_tensorflow()  # before anything else imports it: without its start-up noise
-from service import edge, http  # noqa: E402
+from service import compute, edge, http  # noqa: E402
 from service.core import ServingCore  # noqa: E402
 from service.grpc_api import GrpcFront  # noqa: E402
 from service.metrics import PrometheusBatchObserver, model_switched  # noqa: E402
@@ -29,6 +29,7 @@ if SETTINGS.batcher == "bentoml":
     from service.bentoml_batching import RequestLimits, predict_api
 
 logger = logging.getLogger("digits")
+THREADS = compute.configure_threads(SETTINGS.workers)  # before TensorFlow runs its first op
 
 
 @bentoml.asgi_app(http.app, path="/")
@@ -41,6 +42,7 @@ class Digits:
             SETTINGS.reload_poll_seconds,
             SETTINGS.registry_timeout_s,
             on_switch=model_switched,
+            precision=SETTINGS.model_precision,
         )
         try:
             info = runtime.start()
@@ -49,7 +51,7 @@ class Digits:
             raise SystemExit(3) from None
         logger.info("serving %s version %s (%s)", info.name, info.version, info.source)
         self.core = ServingCore(runtime, observer=PrometheusBatchObserver(), **SETTINGS.batcher_limits())
-        http.app.state.core, http.app.state.settings = self.core, SETTINGS
+        http.app.state.core, http.app.state.settings, http.app.state.threads = self.core, SETTINGS, THREADS
         http.app.state.image_decodes = asyncio.Semaphore(SETTINGS.image_decode_concurrency)
         self.grpc = (
             GrpcFront(self.core, SETTINGS.grpc_port, SETTINGS.max_images_per_request, SETTINGS.grpc_max_message_bytes)

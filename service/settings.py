@@ -64,8 +64,11 @@ class Settings:
     client_header_timeout_s: float
     client_body_timeout_s: float
     registry_timeout_s: float
+    model_precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.model_precision not in ("fp32", "bf16", "auto"):
+            raise SystemExit(f"configuration error: MODEL_PRECISION={self.model_precision!r} is not fp32, bf16 or auto")
         if self.batching and self.batch_max_size < 2:
             raise SystemExit("configuration error: BATCH_MAX_SIZE must be at least 2; set BATCHING=off to turn batching off")
         if self.batcher not in ("runtime", "bentoml"):
@@ -134,6 +137,7 @@ class Settings:
             client_header_timeout_s=_float("CLIENT_HEADER_TIMEOUT_S", 10.0),
             client_body_timeout_s=_float("CLIENT_BODY_TIMEOUT_S", 10.0),
             registry_timeout_s=_float("REGISTRY_TIMEOUT_S", 10.0),
+            model_precision=(os.environ.get("MODEL_PRECISION") or "fp32").strip().lower(),
         )
 
 

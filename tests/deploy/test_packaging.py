@@ -44,7 +44,14 @@ def test_bentoml_build_makes_a_locked_bento_that_serves_the_champion(trained_reg
     name, version = tag.split(":")
     bento = tmp_path / "bentoml" / "bentos" / name / version
     source = {path.relative_to(bento / "src").as_posix() for path in (bento / "src").rglob("*") if path.is_file()}
-    assert {"service/service.py", "service/runtime.py", "service/static/draw.html", "contract.py", "quiet.py"} <= source
+    assert {
+        "service/service.py",
+        "service/runtime.py",
+        "service/static/draw.html",
+        "service/data/calibration-digits.npz",
+        "contract.py",
+        "quiet.py",
+    } <= source
     assert not any(path.startswith(("tests/", "pipeline/", "loadtests/", ".venv/")) for path in source), sorted(source)[:20]
     assert (
         f"ARG BENTO_USER_UID={BENTO_USER_UID}" in (bento / "env" / "docker" / "Dockerfile").read_text()
