@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import sys
 
 import bentoml
@@ -29,6 +30,10 @@ if SETTINGS.batcher == "bentoml":
     from service.bentoml_batching import RequestLimits, predict_api
 
 logger = logging.getLogger("digits")
+# Whose X-Forwarded-For uvicorn believes (it sets each request's client address, which the admin
+# failed-attempt limit counts by): only TRUSTED_PROXIES', not uvicorn's default of loopback, which let
+# any local client pick its own address.
+os.environ["FORWARDED_ALLOW_IPS"] = SETTINGS.trusted_proxies
 THREADS = compute.configure_threads(SETTINGS.workers)  # before TensorFlow runs its first op
 
 

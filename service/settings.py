@@ -37,6 +37,9 @@ def _float(name: str, default: float) -> float:
     return _number(name, default, float)
 
 
+MIN_ADMIN_TOKEN = 16
+
+
 @dataclass(frozen=True)
 class Settings:
     model_uri: str
@@ -65,8 +68,14 @@ class Settings:
     client_body_timeout_s: float
     registry_timeout_s: float
     model_precision: str = "fp32"
+    trusted_proxies: str = ""
 
     def __post_init__(self) -> None:
+        if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:
+            raise SystemExit(
+                f"configuration error: ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters (the failed-attempt limit "
+                "is per worker, so it slows guessing; the token's length is what stops it)"
+            )
         if self.model_precision not in ("fp32", "bf16", "auto"):
             raise SystemExit(f"configuration error: MODEL_PRECISION={self.model_precision!r} is not fp32, bf16 or auto")
         if self.batching and self.batch_max_size < 2:
@@ -138,6 +147,7 @@ class Settings:
             client_body_timeout_s=_float("CLIENT_BODY_TIMEOUT_S", 10.0),
             registry_timeout_s=_float("REGISTRY_TIMEOUT_S", 10.0),
             model_precision=(os.environ.get("MODEL_PRECISION") or "fp32").strip().lower(),
+            trusted_proxies=os.environ.get("TRUSTED_PROXIES", "").strip(),
         )
 
 

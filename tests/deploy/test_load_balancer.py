@@ -3,6 +3,7 @@ all on free loopback ports: both answer, both follow a promotion, and a replica 
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import threading
@@ -18,7 +19,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 from contract import CHAMPION, REGISTERED_MODEL
 from service.launcher import REPO_ROOT, nginx_binary, start_nginx, start_service, stop_process
 from tests.helpers import client_for
-from tests.service.helpers import metric_samples, predict_request, served_version
+from tests.service.helpers import ADMIN_TOKEN, metric_samples, predict_request, served_version
 
 pytestmark = [
     pytest.mark.slow,
@@ -47,7 +48,13 @@ def cluster(trained_registry, tmp_path_factory):
     by this module's tests, in order (the restart test leaves a new replica in place of the first)."""
     tmp_path = tmp_path_factory.mktemp("cluster")
     registry = trained_registry.copy(tmp_path / "store")
-    env = {**registry.env, "MODEL_POLL_SECONDS": str(POLL_SECONDS), "SERVICE_WORKERS": "1"}
+    env = {
+        **registry.env,
+        "MODEL_POLL_SECONDS": str(POLL_SECONDS),
+        "SERVICE_WORKERS": "1",
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "TRUSTED_PROXIES": "127.0.0.1",  # nginx reaches the replicas from 127.0.0.1; clients come from 127.0.0.2+
+    }
     replicas = [start_service(env, tmp_path / f"replica-{n}" / "service.log") for n in (0, 1)]
     balancer = None
     try:
@@ -179,3 +186,36 @@ def test_every_metric_the_dashboard_plots_is_one_a_replica_exposes(cluster):
     }
     exposed = {sample.name for sample in metric_samples(replicas[1])}
     assert queried and queried <= exposed, queried - exposed
+
+
+def _reload_from(balancer, source: str, token: str, forwarded_for: str | None = None) -> int:
+    """POST /admin/reload through nginx from the loopback address ``source`` (Linux routes all of 127/8)."""
+    host, port = balancer.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60, source_address=(source, 0))
+    headers = {"Authorization": f"Bearer {token}", **({"X-Forwarded-For": forwarded_for} if forwarded_for else {})}
+    try:
+        connection.request("POST", "/admin/reload", headers=headers)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_the_admin_attempt_limit_counts_the_real_client_behind_the_balancer(cluster):
+    """A guesser who changes X-Forwarded-For on every try is still counted as itself (nginx appends the
+    address it saw; the replicas trust only nginx's), and the operator at another address is not locked out."""
+    *_, balancer = cluster
+    statuses = [_reload_from(balancer, "127.0.0.2", "wrong-token-wrong-token", f"203.0.113.{n}") for n in range(14)]
+    # one counter per worker: two single-worker replicas allow 5 failures each before answering 429
+    assert set(statuses) <= {401, 429} and statuses.count(429) >= 4, statuses
+    assert _reload_from(balancer, "127.0.0.3", ADMIN_TOKEN) == 200
+
+
+@pytest.mark.parametrize(("size", "limit"), [(16 * 1024 * 1024 + 1024, "16777216"), (18 * 1024 * 1024, "16777216")])
+def test_an_over_limit_body_gets_a_json_413_through_the_balancer(cluster, size, limit):
+    """Just over MAX_BODY_BYTES: the replica's own JSON answer passes nginx; past nginx's limit, nginx's JSON."""
+    *_, balancer = cluster
+    answer = requests.post(
+        f"{balancer.url}/predict", data=b"[" + b"0," * (size // 2), headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert answer.status_code == 413 and answer.headers["Content-Type"].startswith("application/json"), answer.text[:300]
+    assert limit in answer.json()["error"]

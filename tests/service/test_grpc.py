@@ -21,6 +21,7 @@ from tensorflow_serving.apis import (
 )
 
 from service.launcher import start_service, stop_service
+from tests.helpers import assert_same_answers
 from tests.service.helpers import histogram, predict_request, saved_model_probabilities, served_version
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def test_stock_stub_gets_the_savedmodels_digits_and_probabilities(channel, servi
         predict_request(images[..., None].astype(np.float32), signature="serving_default"),
     ):  # float [N, 28, 28, 1]
         response = stub.Predict(request, timeout=30)
-        np.testing.assert_allclose(tf.make_ndarray(response.outputs["probabilities"]), expected, atol=1e-5)
+        assert_same_answers(tf.make_ndarray(response.outputs["probabilities"]), expected)
         assert tf.make_ndarray(response.outputs["digit"]).tolist() == expected.argmax(1).tolist()
         assert response.model_spec.name == "mnist" and str(response.model_spec.version.value) == version
 
@@ -213,7 +214,7 @@ def test_http_json_tf_rest_and_grpc_share_model_calls_and_all_answers_are_right(
         with ThreadPoolExecutor(max_workers=24) as pool:
             answers = list(pool.map(one, range(72)))
         for answer in answers:
-            np.testing.assert_allclose(answer, expected, atol=1e-5)
+            assert_same_answers(answer, expected)
         mixed_after = histogram(service, "digits_model_batch_routes")
         shared = (mixed_after["count"] - mixed_after["le=1.0"]) - (mixed_before["count"] - mixed_before["le=1.0"])
         if shared > 0:

@@ -18,7 +18,7 @@ from PIL import Image
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from service.launcher import start_service, stop_service
-from tests.helpers import last_json_line, run_pipeline, seed_training
+from tests.helpers import assert_same_answers, last_json_line, run_pipeline, seed_training
 from tests.service.helpers import ADMIN_TOKEN, batch_histogram, predict_request, saved_model_probabilities, served_version
 
 pytestmark = pytest.mark.slow
@@ -42,10 +42,10 @@ def test_predict_one_image_and_a_list_equal_the_savedmodel(service, trained_regi
     one = requests.post(f"{service.url}/predict", json=images[0].tolist(), timeout=30)
     assert one.status_code == 200, one.text
     assert len(one.json()) == 1 and one.json()[0]["model_version"] == version
-    np.testing.assert_allclose(one.json()[0]["probabilities"], expected[0], atol=1e-5)
+    assert_same_answers(one.json()[0]["probabilities"], expected[0])
 
     many = requests.post(f"{service.url}/predict", json=images.tolist(), timeout=30).json()
-    np.testing.assert_allclose([p["probabilities"] for p in many], expected, atol=1e-5)
+    assert_same_answers([p["probabilities"] for p in many], expected)
     assert [p["digit"] for p in many] == expected.argmax(1).tolist()
     assert {p["model_version"] for p in many} == {version}
 
@@ -59,7 +59,7 @@ def test_tensorflow_serving_rest_formats(service, trained_registry, sample):
     rows = requests.post(f"{v1}:predict", json={"instances": images.tolist()}, timeout=30).json()
     assert set(rows) == {"predictions"} and len(rows["predictions"]) == 4
     assert set(rows["predictions"][0]) == {"probabilities", "digit"}
-    np.testing.assert_allclose([p["probabilities"] for p in rows["predictions"]], expected, atol=1e-5)
+    assert_same_answers([p["probabilities"] for p in rows["predictions"]], expected)
 
     named = requests.post(
         f"{v1}/versions/{version}:predict",
@@ -175,7 +175,7 @@ def test_concurrent_single_image_requests_are_batched_and_all_correct(service, t
 
     with ThreadPoolExecutor(max_workers=64) as pool:
         answers = list(pool.map(one, range(len(images))))
-    np.testing.assert_allclose([a["probabilities"] for a in answers], expected, atol=1e-5)
+    assert_same_answers([a["probabilities"] for a in answers], expected)
     calls_after, ones_after = batch_histogram(service)
     calls, single = calls_after - calls_before, ones_after - ones_before
     assert calls < len(images), "every request was its own model call: nothing was batched"
@@ -260,7 +260,7 @@ def hot_reload_under_load(service, registry, sample) -> None:
 
     answer = requests.post(f"{service.url}/predict", json=sample["x_test"][:8].tolist(), timeout=30).json()
     expected = saved_model_probabilities(registry, new_version, sample["x_test"][:8])
-    np.testing.assert_allclose([p["probabilities"] for p in answer], expected, atol=1e-5)
+    assert_same_answers([p["probabilities"] for p in answer], expected)
 
     # back by hand, through the guarded admin endpoint
     assert run_pipeline(["promote", before], registry.env, registry.workdir).returncode == 0
@@ -337,7 +337,7 @@ def test_bentoml_batcher_mode_answers_like_the_default(tmp_path, trained_registr
         expected = saved_model_probabilities(trained_registry, version, sample["x_test"][:8])
         answer = requests.post(f"{running.url}/predict", json=sample["x_test"][:8].tolist(), timeout=30)
         assert answer.status_code == 200, answer.text
-        np.testing.assert_allclose([p["probabilities"] for p in answer.json()], expected, atol=1e-5)
+        assert_same_answers([p["probabilities"] for p in answer.json()], expected)
         bad = requests.post(f"{running.url}/predict", json=[[1, 2]], timeout=30)
         assert bad.status_code == 400 and "shape [1, 2]" in bad.json()["error"]
         rest = requests.post(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
 import psutil
 import pytest
 import requests
@@ -19,7 +18,7 @@ import tensorflow as tf
 import yaml
 
 from service.launcher import REPO_ROOT, free_port, start_process, start_service, stop_process, stop_service
-from tests.helpers import last_json_line, run_pipeline, seed_training
+from tests.helpers import assert_same_answers, last_json_line, run_pipeline, seed_training
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +138,7 @@ def test_train_register_promote_and_serve_through_the_tracking_server(tracking_s
         assert answer.status_code == 200
         serve = tf.saved_model.load(result["export_path"]).signatures["serving_default"]
         expected = serve(pixels=tf.constant(sample["x_test"][:16]))["probabilities"].numpy()
-        np.testing.assert_allclose([p["probabilities"] for p in answer.json()], expected, atol=1e-5)
+        assert_same_answers([p["probabilities"] for p in answer.json()], expected)
         assert {p["model_version"] for p in answer.json()} == {result["model_version"]}
     finally:
         stop_service(service)
