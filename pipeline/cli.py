@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
-        help=f"named config (champion: our best, ~10 min on 2 CPU cores; seed: the notebook's, ~1 min) "
+        help=f"named config (champion: our best, ~6 min on 2 CPU cores; seed: the notebook's, ~1 min) "
         f"or a .yaml path [{DEFAULT_CONFIG}]",
     )
     train.add_argument(

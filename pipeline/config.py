@@ -79,6 +79,11 @@ class TrainingConfig(_Strict):
     log_every_n_steps: int = Field(50, gt=0)  # batch metrics in MLflow during an epoch
     # after training, batch norm statistics re-estimated on this many clean training images (0 = off)
     recalibrate_images: int = Field(16384, ge=0)
+    # knowledge distillation: a registered version (alias such as champion, or a version number) whose
+    # probabilities at distill_temperature, weighted distill_weight against the labels, are the targets
+    teacher: str | None = None
+    distill_temperature: float = Field(2.0, gt=0.0)
+    distill_weight: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class ExportConfig(_Strict):

@@ -30,9 +30,13 @@ class TrainResult:
     replicas: int
 
 
-def _dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """Batches of (raw-pixel float images, one-hot labels), reshuffled every epoch when seeded."""
-    dataset = tf.data.Dataset.from_tensor_slices((model_input(images), keras.utils.to_categorical(labels, NUM_CLASSES)))
+def _dataset(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None, targets: np.ndarray | None = None
+) -> tf.data.Dataset:
+    """Batches of (raw-pixel float images, one-hot labels or the given target distributions), reshuffled
+    every epoch when seeded."""
+    targets = keras.utils.to_categorical(labels, NUM_CLASSES) if targets is None else targets
+    dataset = tf.data.Dataset.from_tensor_slices((model_input(images), targets))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
     options = tf.data.Options()  # several workers: each takes its share of every batch (in memory, not files)
@@ -236,10 +240,21 @@ def train(
     if tcfg.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, verbose=1))
 
+    targets = None
+    if tcfg.teacher is not None:
+        targets, version = distillation_targets(
+            cfg.registry.model_name, tcfg.teacher, splits.x_train, splits.y_train, tcfg.distill_temperature, tcfg.distill_weight
+        )
+        if track:
+            mlflow.set_tag("distill_teacher", f"{cfg.registry.model_name}/{version}")
+        say(
+            f"distillation: targets are {tcfg.distill_weight:g} x teacher {cfg.registry.model_name} version {version} "
+            f"({tcfg.teacher}) at temperature {tcfg.distill_temperature:g} + {1 - tcfg.distill_weight:g} x labels"
+        )
     started = time.perf_counter()
     try:
         history = model.fit(
-            _dataset(splits.x_train, splits.y_train, tcfg.batch_size, shuffle_seed=cfg.seed),
+            _dataset(splits.x_train, splits.y_train, tcfg.batch_size, shuffle_seed=cfg.seed, targets=targets),
             validation_data=_dataset(splits.x_val, splits.y_val, tcfg.batch_size),
             epochs=tcfg.epochs,
             shuffle=False,  # the dataset reshuffles itself every epoch; Keras cannot shuffle a tf.data.Dataset
@@ -256,6 +271,38 @@ def train(
         say(f"batch norm statistics re-estimated on {min(len(splits.x_train), tcfg.recalibrate_images):,} clean training images")
     wall_time = time.perf_counter() - started
     return TrainResult(model, history.history, wall_time, len(history.epoch), strategy.num_replicas_in_sync)
+
+
+def distillation_targets(
+    name: str, teacher: str, images: np.ndarray, labels: np.ndarray, temperature: float, weight: float
+) -> tuple[np.ndarray, str]:
+    """Soft targets for knowledge distillation (Hinton, Vinyals & Dean 2015): the registered teacher's
+    probabilities on the (clean) training images, softened at ``temperature`` (``p ** (1/T)``,
+    renormalised: the softmax of its logits over T), mixed ``weight : 1 - weight`` with the one-hot
+    labels. The student's cross-entropy against them is the usual distillation loss up to a constant.
+    The teacher (an alias or a version number of ``name``) is read through its exported SavedModel, so
+    any registered version can teach; returns the targets and the version that taught."""
+    import tempfile
+    from pathlib import Path
+
+    from contract import registry_uri
+    from pipeline.errors import ConfigError
+    from pipeline.export import predict_savedmodel
+    from pipeline.register import alias_version, download_saved_model
+
+    version = teacher if teacher.isdigit() else alias_version(name, teacher)
+    if version is None:
+        raise ConfigError(f"training.teacher {teacher!r}: {name} has no version with that alias (train a teacher first)")
+    uri = registry_uri(name, version)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mnist-teacher-") as tmp:
+            probabilities = predict_savedmodel(download_saved_model(uri, Path(tmp)), images).astype(np.float64)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"training.teacher {teacher!r}: cannot load {uri}: {exc.message}") from None
+    softened = np.clip(probabilities, 1e-12, 1.0) ** (1.0 / temperature)
+    softened /= softened.sum(axis=1, keepdims=True)
+    targets = weight * softened + (1 - weight) * keras.utils.to_categorical(labels, NUM_CLASSES)
+    return targets.astype(np.float32), version
 
 
 def _local_copy(cfg: PipelineConfig, model: keras.Model) -> keras.Model:
