@@ -57,11 +57,11 @@ def generator_cpu(command: list[str], **kwargs) -> tuple[str, float]:
     return out, ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall
 
 
-def wrk(url: str, body: Path, duration: int, workdir: Path) -> dict:
+def wrk(url: str, body: Path, duration: int, workdir: Path, connections: int = CONNECTIONS) -> dict:
     lua = workdir / f"{body.stem}.lua"
     lua.write_text(LUA.format(body=body))
     out, cpu = generator_cpu(
-        ["wrk", "-t", "1", "-c", str(CONNECTIONS), "-d", f"{duration}s", "--timeout", "30s", "--latency", "-s", str(lua), url]
+        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{duration}s", "--timeout", "30s", "--latency", "-s", str(lua), url]
     )
 
     def latency_ms(label: str) -> float:
@@ -196,6 +196,12 @@ def bench_service(
                     }
                 )
             )
+        if args.bulk:  # bulk requests: the model call, not the front, is the limit
+            bulk = wrk(f"{service.url}/predict", bodies["bulk"], args.duration, workdir, connections=8)
+            bulk["images_per_s"] = bulk["rps"] * args.bulk
+            rows.append(
+                show({"server": label, "route": "/predict", "load": f"8 conns x {args.bulk} images", "repeat": 1, **bulk})
+            )
         rows.append(
             show(
                 {
@@ -285,6 +291,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="closed-loop /predict runs per server, for the spread")
     parser.add_argument("--open-loop", default="1000,2000", help="open-loop rates in requests/s ('' for none)")
     parser.add_argument("--mlflow", metavar="URI", help="also measure `mlflow models serve` on this model URI")
+    parser.add_argument("--bulk", type=int, default=0, metavar="N", help="also 8 connections of N-image /predict requests")
     args = parser.parse_args()
     args.open_loop = [int(r) for r in args.open_loop.split(",") if r]
 
@@ -303,6 +310,10 @@ def main() -> None:
         bodies["tf"].write_text(json.dumps({"instances": [images[0].tolist()]}, separators=(",", ":")))
         bodies["grpc"].write_bytes(grpc_frame(images[:1]))
         bodies["mlflow"].write_text(json.dumps({"inputs": images[:1, ..., None].astype(float).tolist()}))
+        bodies["bulk"] = workdir / "bulk.json"
+        bodies["bulk"].write_text(
+            json.dumps(np.resize(images, (max(args.bulk, 1), *images.shape[1:])).tolist(), separators=(",", ":"))
+        )
         print("| server | route | load | run | req/s | p50 ms | p99 ms | errors | generator CPU (cores) |", flush=True)
         for design in filter(None, args.designs.split(",")):
             for workers in (int(w) for w in args.workers.split(",")):
@@ -316,8 +327,9 @@ def main() -> None:
     print("| server | route | load | run | req/s | p50 ms | p99 ms | errors | generator CPU (cores) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
+        rate = f"{r['rps']:,.0f}" + (f" ({r['images_per_s']:,.0f} images/s)" if "images_per_s" in r else "")
         print(
-            f"| {r['server']} | {r['route']} | {r['load']} | {r['repeat']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
+            f"| {r['server']} | {r['route']} | {r['load']} | {r['repeat']} | {rate} | {r['p50_ms']:.1f} | "
             f"{r['p99_ms']:.1f} | {r['errors']} | {r['generator_cpu']:.2f} |"
         )
     for server in sorted({r["server"] for r in rows if r["repeat"] > 1 or r["route"] == "/predict"}):
