@@ -179,6 +179,18 @@ def load_config(name_or_path: str, overrides: list[str] | None = None, values: d
         raise ConfigError(f"invalid config {path.name}: {problems}") from None
 
 
+def with_values(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
+    """``cfg`` with dotted-key ``values`` set, validated like a config file."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        _set(raw, key.split("."), value)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"invalid config {cfg.name}: {problems}") from None
+
+
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     path, value = _parse_override(raw, override)
     _set(raw, path, value)

@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from contract import sqlite_path, tracking_uri  # noqa: E402
 from pipeline import data as data_module  # noqa: E402
 from pipeline import tracking  # noqa: E402
-from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from pipeline.config import PipelineConfig, load_config, with_values  # noqa: E402
 from pipeline.cost import BATCH, serving_cost  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.model import model_input  # noqa: E402
@@ -234,10 +234,13 @@ class PruneOnValidationAccuracy(keras.callbacks.Callback):
 # -- trials ----------------------------------------------------------------------------------------------
 
 
-def run_trial(trial: optuna.Trial, study: Study, splits: data_module.Splits, say: Callable[[str], None]) -> Any:
+def run_trial(
+    trial: optuna.Trial, study: Study, base: PipelineConfig, splits: data_module.Splits, say: Callable[[str], None]
+) -> Any:
     """Train one configuration in a nested MLflow run and return its objective values."""
     values = study.space.sample(trial)
-    cfg = load_config(study.config, study.overrides, {**values, "name": f"{study.name}-trial-{trial.number}"})
+    # from the base config as it was when the study started: editing the file mid-sweep changes no trial
+    cfg = with_values(base, {**values, "name": f"{study.name}-trial-{trial.number}"})
     trial.set_user_attr("config", cfg.model_dump(mode="json"))
     run = mlflow.start_run(
         run_name=f"trial {trial.number}", nested=True, tags={"tune.study": study.name, "tune.trial": str(trial.number)}
@@ -304,7 +307,7 @@ def run_study(
         remaining = trials - len(_finished(opened))
         if remaining > 0:
             opened.optimize(
-                lambda trial: run_trial(trial, study, splits, say),
+                lambda trial: run_trial(trial, study, base, splits, say),
                 timeout=timeout,
                 callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), _progress(say)],
                 catch=(Exception,),

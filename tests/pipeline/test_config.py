@@ -73,3 +73,14 @@ def test_the_plan_line_says_what_training_does_and_how_long_it_should_take():
 
 def test_the_estimate_is_not_logged_as_a_hyperparameter():
     assert not [key for key in load_config("champion").flat() if key.startswith("estimate")]
+
+
+def test_with_values_sets_dotted_keys_on_a_loaded_config_and_validates_them():
+    from pipeline.config import with_values
+
+    base = load_config("champion")
+    cfg = with_values(base, {"training.epochs": 3, "model.augmentation.elastic": {"alpha": 12, "sigma": 4}})
+    assert cfg.training.epochs == 3 and cfg.model.augmentation.elastic.alpha == 12
+    assert base.training.epochs != 3  # the base is left as it was
+    with pytest.raises(ConfigError, match="training.epochs"):
+        with_values(base, {"training.epochs": 0})
