@@ -47,6 +47,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.bf16_child:
         return bf16_child(Path(args.bf16_child[0]), args.bf16_child[1], args.repeats)
+    args.data = str(Path(args.data).resolve())  # the jobs run in the work directory
     if "seed" not in args.configs:
         args.configs.insert(0, "seed")
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,12 @@
 """How this worker runs the model on its CPU: TensorFlow's thread pools and the numeric precision.
 
-Threads. Each worker calls the model from one batcher at a time, and ``SERVICE_WORKERS`` workers share
-the machine's cores: a worker gets ``cores // workers`` intra-op threads (at least one) and one inter-op
-thread, so the workers' pools together match the cores instead of each spawning a pool as large as
-the machine (TensorFlow's default), which made two busy workers contend for the same cores.
-``TF_INTRA_OP_THREADS`` / ``TF_INTER_OP_THREADS`` override the rule. They must be set before
-TensorFlow runs its first op (:func:`configure_threads`, called at import of the service).
+Threads. Each worker runs TensorFlow with one inter-op thread (it calls the model from one batcher at a
+time, and a second pool only adds contention) and as many intra-op threads as the machine has cores,
+even with several workers: one worker's model call mostly runs while the others parse JSON, and
+splitting the cores (cores / workers each) was slower — measured with two workers on 2 cores
+(README, Performance: "Threads"). ``TF_INTRA_OP_THREADS`` / ``TF_INTER_OP_THREADS`` override it. They
+must be set before TensorFlow runs its first op (:func:`configure_threads`, called at import of the
+service).
 
 Precision. ``MODEL_PRECISION=fp32`` (default) runs the export as it is. ``bf16`` asks oneDNN to run it in
 bfloat16 (TensorFlow's ``auto_mixed_precision_onednn_bfloat16`` graph rewrite), ``auto`` does so only
@@ -42,16 +43,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def thread_counts(workers: int, cores: int, intra: int | None = None, inter: int | None = None) -> tuple[int, int]:
-    """(intra-op, inter-op) threads for one of ``workers`` workers on ``cores`` cores."""
-    return intra or max(1, cores // max(1, workers)), inter or 1
+def thread_counts(cores: int, intra: int | None = None, inter: int | None = None) -> tuple[int, int]:
+    """(intra-op, inter-op) threads for a worker on a machine with ``cores`` usable cores."""
+    return intra or max(1, cores), inter or 1
 
 
-def configure_threads(workers: int) -> tuple[int, int]:
+def configure_threads() -> tuple[int, int]:
     """Set TensorFlow's thread pools for this worker (before its first op); returns (intra, inter)."""
     import tensorflow as tf
 
-    intra, inter = thread_counts(workers, usable_cores(), _env_int("TF_INTRA_OP_THREADS"), _env_int("TF_INTER_OP_THREADS"))
+    intra, inter = thread_counts(usable_cores(), _env_int("TF_INTRA_OP_THREADS"), _env_int("TF_INTER_OP_THREADS"))
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(inter)
     return intra, inter

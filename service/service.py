@@ -34,7 +34,7 @@ logger = logging.getLogger("digits")
 # failed-attempt limit counts by): only TRUSTED_PROXIES', not uvicorn's default of loopback, which let
 # any local client pick its own address.
 os.environ["FORWARDED_ALLOW_IPS"] = SETTINGS.trusted_proxies
-THREADS = compute.configure_threads(SETTINGS.workers)  # before TensorFlow runs its first op
+THREADS = compute.configure_threads()  # before TensorFlow runs its first op
 
 
 @bentoml.asgi_app(http.app, path="/")

@@ -17,11 +17,11 @@ from service.runtime import ModelRuntime
 
 
 @pytest.mark.parametrize(
-    ("workers", "cores", "overrides", "expected"),
-    [(1, 2, {}, (2, 1)), (2, 2, {}, (1, 1)), (4, 2, {}, (1, 1)), (2, 16, {}, (8, 1)), (2, 2, {"intra": 3, "inter": 2}, (3, 2))],
+    ("cores", "overrides", "expected"),
+    [(2, {}, (2, 1)), (16, {}, (16, 1)), (0, {}, (1, 1)), (2, {"intra": 1, "inter": 2}, (1, 2))],
 )
-def test_each_worker_gets_its_share_of_the_cores(workers, cores, overrides, expected):
-    assert compute.thread_counts(workers, cores, **overrides) == expected
+def test_a_worker_takes_the_cores_for_one_op_and_one_inter_op_thread(cores, overrides, expected):
+    assert compute.thread_counts(cores, **overrides) == expected
 
 
 def test_bf16_units_are_read_from_the_cpu_flags(tmp_path):
