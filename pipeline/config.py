@@ -170,25 +170,22 @@ def load_config(name_or_path: str, overrides: list[str] | None = None, values: d
         raise ConfigError(f"config {path} must be a mapping of sections")
     for override in overrides or []:
         _apply_override(raw, override)
-    for key, value in (values or {}).items():
-        _set(raw, key.split("."), value)
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-        raise ConfigError(f"invalid config {path.name}: {problems}") from None
+    return _validated(raw, values or {}, path.name)
 
 
 def with_values(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
     """``cfg`` with dotted-key ``values`` set, validated like a config file."""
-    raw = cfg.model_dump(mode="json")
+    return _validated(cfg.model_dump(mode="json"), values, cfg.name)
+
+
+def _validated(raw: dict[str, Any], values: dict[str, Any], what: str) -> PipelineConfig:
     for key, value in values.items():
         _set(raw, key.split("."), value)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-        raise ConfigError(f"invalid config {cfg.name}: {problems}") from None
+        raise ConfigError(f"invalid config {what}: {problems}") from None
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
