@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import time
 
@@ -15,17 +13,17 @@ from service.launcher import start_service, stop_process
 pytestmark = pytest.mark.slow
 
 
-def test_stopping_a_server_whose_group_was_killed_also_stops_its_worker(trained_registry, tmp_path):
-    """BentoML runs its worker in a session of its own: a kill of the server's process group leaves it
-    serving on both ports; stop_process ends it too, and the ports are free again."""
+def test_a_server_that_ignores_sigterm_long_enough_is_killed_with_its_worker(trained_registry, tmp_path):
+    """BentoML runs its worker in a session of its own, so the group SIGKILL that follows a SIGTERM
+    nobody acted on in time used to leave the worker serving on both ports; stop_process ends it too,
+    and the port is free again."""
     service = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
     port = int(service.url.rsplit(":", 1)[1])
     descendants = psutil.Process(service.process.pid).children(recursive=True)
-    os.killpg(service.process.pid, signal.SIGKILL)
-    service.process.wait(timeout=30)
-    survivors = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    stop_process(service, timeout=10)
-    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in descendants), survivors
+    assert descendants, "bentoml serve has a worker process"
+    stop_process(service, timeout=0.05)  # no time for a graceful stop: straight to the kill
+    gone, alive = psutil.wait_procs(descendants, timeout=3)  # stop_process has returned: nothing may linger
+    assert not alive, [p.cmdline()[:4] for p in alive]
     deadline = time.monotonic() + 10
     while True:
         with socket.socket() as probe:
