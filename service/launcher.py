@@ -195,9 +195,12 @@ def start_nginx(http_upstreams: list[str], grpc_upstreams: list[str], workdir: P
     temp_paths = "\n".join(
         f"    {kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
+    # run as root (CI does), nginx's workers drop to nobody, who cannot write the request bodies it buffers
+    # to files under a root-owned test directory: keep them the invoking user
+    user = "user root;\n" if os.geteuid() == 0 else ""
     (workdir / "nginx.conf").write_text(
         f"""daemon off;
-worker_processes 1;
+{user}worker_processes 1;
 pid {workdir / "nginx.pid"};
 error_log {workdir / "error.log"} warn;
 events {{ worker_connections 4096; }}
