@@ -90,6 +90,11 @@ class ClientErrorLog:
         self._logged = self._left_out = 0
 
     def warning(self, message: str, *args: object) -> None:
+        if self.allow():
+            self.logger.warning(message, *args)
+
+    def allow(self) -> bool:
+        """Whether one more line fits this window (and, first in a new window, say what the last left out)."""
         now = time.monotonic()
         with self._lock:
             if now - self._window_started >= self.window_s:
@@ -101,6 +106,19 @@ class ClientErrorLog:
                     )
             if self._logged >= self.burst:
                 self._left_out += 1
-                return
+                return False
             self._logged += 1
-        self.logger.warning(message, *args)
+            return True
+
+
+class ThrottledMessage(logging.Filter):
+    """A logging filter that lets a given message through at :class:`ClientErrorLog`'s rate: for lines
+    other code writes once per bad request (uvicorn's "Invalid HTTP request received." per malformed
+    request line, which random-path floods are full of)."""
+
+    def __init__(self, message: str, log: ClientErrorLog) -> None:
+        super().__init__()
+        self.message, self.log = message, log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != self.message or self.log.allow()

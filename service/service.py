@@ -21,6 +21,7 @@ import quiet
 quiet.import_tensorflow()  # before anything else imports it: without its start-up noise
 from service import compute, edge, http  # noqa: E402
 from service.core import ServingCore  # noqa: E402
+from service.errors import ClientErrorLog, ThrottledMessage  # noqa: E402
 from service.grpc_api import GrpcFront  # noqa: E402
 from service.metrics import PrometheusBatchObserver, model_switched  # noqa: E402
 from service.runtime import ModelLoadError, ModelRuntime  # noqa: E402
@@ -101,6 +102,8 @@ class Digits:
 
 
 edge.install_header_timeout(SETTINGS.client_header_timeout_s)
+_uvicorn_log = logging.getLogger("uvicorn.error")
+_uvicorn_log.addFilter(ThrottledMessage("Invalid HTTP request received.", ClientErrorLog(_uvicorn_log)))
 edge.label_metrics_by_route(lambda: edge.RouteTable(http.app.routes))
 Digits.add_asgi_middleware(
     edge.Edge,

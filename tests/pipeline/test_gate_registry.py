@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -82,6 +83,8 @@ def proxied_registry(tmp_path, monkeypatch) -> Iterator[FailingRegistryProxy]:
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once: the outage is the point
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(proxy.url)  # an earlier test's process-wide URI would win over the variable
     try:
         client = MlflowClient(proxy.url)
         client.create_registered_model(NAME)
@@ -90,6 +93,7 @@ def proxied_registry(tmp_path, monkeypatch) -> Iterator[FailingRegistryProxy]:
         client.set_registered_model_alias(NAME, "champion", "1")
         yield proxy
     finally:
+        mlflow.set_tracking_uri(previous)
         proxy.shutdown()
         stop_process(server)
 

@@ -3,11 +3,14 @@ the admin rate limit."""
 
 import asyncio
 import json
+import logging
+import time
 
 import pytest
 
 from service import http
 from service.edge import Edge, EdgeLimits, RouteTable
+from service.errors import ClientErrorLog, ThrottledMessage
 from service.http import FailedAttempts
 
 
@@ -213,3 +216,17 @@ def test_bodies_held_at_once_stay_within_the_workers_budget(budget, status):
 def test_unknown_paths_and_methods_get_json_errors(path, method, status):
     answer, body = status_and_json(run_edge(LIMITS, [], path=path, method=method))
     assert answer == status and path in body["error"]
+
+
+def test_a_line_written_per_bad_request_is_throttled_to_a_burst_and_a_count(caplog):
+    logger = logging.getLogger("test.throttled")
+    logger.addFilter(ThrottledMessage("Invalid HTTP request received.", ClientErrorLog(logger, burst=3, window_s=0.2)))
+    with caplog.at_level(logging.WARNING, logger="test.throttled"):
+        for _ in range(50):
+            logger.warning("Invalid HTTP request received.")
+        logger.warning("something else")  # other lines pass untouched
+        time.sleep(0.25)
+        logger.warning("Invalid HTTP request received.")  # a new window: the count of the last comes first
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines.count("Invalid HTTP request received.") == 4 and "something else" in lines
+    assert "... and 47 more client errors in the last 0 s, not logged one by one" in lines
