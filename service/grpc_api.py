@@ -79,8 +79,11 @@ def _checked(method: str, handler: Callable[[Any, grpc.aio.ServicerContext], Awa
             message = f"the request is not a valid {request.message_type} protobuf ({request.reason})"
             client_errors.warning("gRPC %s answered INVALID_ARGUMENT: %s", method, message)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-        answer = handler(request, context)  # the base servicer's unimplemented methods are plain functions
-        return await answer if inspect.isawaitable(answer) else answer
+        try:
+            answer = handler(request, context)  # the base servicer's unimplemented methods are plain functions
+            return await answer if inspect.isawaitable(answer) else answer
+        except NotImplementedError:  # Classify, Regress, MultiInference: answered, not logged as a crash
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented: the model has a predict signature")
 
     return call
 
