@@ -80,19 +80,9 @@ def train(config: str, data: str, workdir: Path) -> dict:
 
 
 def images_per_s(serve, pixels, batch: int, repeats: int) -> float:
-    import tensorflow as tf
+    from pipeline.cost import images_per_s as measured
 
-    from contract import SIGNATURE
-
-    tensor = tf.constant(pixels[:batch])
-    for _ in range(5):
-        serve(**{SIGNATURE.input: tensor})
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        serve(**{SIGNATURE.input: tensor})[SIGNATURE.probabilities].numpy()
-        seconds.append(time.perf_counter() - started)
-    return batch / statistics.median(seconds)
+    return measured(serve, pixels[:batch], repeats, warmup=5)
 
 
 def measure(trained: dict[str, dict], args) -> list[dict]:
