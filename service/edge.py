@@ -20,18 +20,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import bentoml
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import tfserving
 from service.errors import error_body
+from service.framework_patches import BENTOML_STATIC
 
 PROBES = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # never queued behind predictions
 BENTOML_ROUTES = {"/": {"GET"}, "/docs.json": {"GET"}, **{path: {"GET"} for path in PROBES}}
-BENTOML_STATIC = Path(bentoml.__file__).parent / "_internal" / "server" / "static_content"
 METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 DRAW_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -73,6 +71,11 @@ class RouteTable:
         if route.verb in (None, "metadata"):
             return f"/v1/models/{{model}}{'/metadata' if route.verb else ''}", {"GET"}
         return None
+
+    def label(self, path: str) -> str | None:
+        """The route template a path is counted under in metrics, or None for an unknown path."""
+        matched = self.match(path)
+        return matched[0] if matched else None
 
 
 class Edge:
@@ -187,34 +190,6 @@ async def _answer(send: Callable, status: int, message: str, headers: list[tuple
     await send({"type": "http.response.body", "body": payload})
 
 
-def label_metrics_by_route(routes: Callable[[], RouteTable]) -> None:
-    """Make BentoML's HTTP metrics middleware label requests by route template, not by raw path.
-
-    BentoML 1.4 puts that middleware outside every user middleware and labels by ``scope["path"]``,
-    so each distinct unknown path became a new time series, forever. This swaps in a subclass that
-    shows it the route's label; :class:`Edge`, the next of ours, puts the real path back.
-    """
-    from bentoml._internal.server.http import instruments
-
-    original = instruments.RunnerTrafficMetricsMiddleware
-    if getattr(original, "labels_by_route", False):
-        return
-    table: list[RouteTable] = []
-
-    class RouteLabelledMetrics(original):  # type: ignore[misc, valid-type]
-        labels_by_route = True
-
-        async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-            if scope["type"] == "http":
-                if not table:
-                    table.append(routes())
-                matched = table[0].match(scope["path"])
-                scope["digits.path"], scope["path"] = scope["path"], matched[0] if matched else "unmatched"
-            await super().__call__(scope, receive, send)
-
-    instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
-
-
 # -- headers in bounded time ----------------------------------------------------------------------
 
 
@@ -223,7 +198,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     uvicorn bounds only the idle time between requests, and even that timer stops at the first byte
     of a new request, so a client trickling a header line now and then holds a connection forever.
-    Installed by :func:`install_header_timeout`.
+    Installed by :func:`service.framework_patches.install_header_timeout`.
     """
 
     header_timeout_s: float = 10.0
@@ -267,11 +242,3 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             b"content-length: %d\r\n\r\n%s" % (len(payload), payload)
         )
         self.transport.close()
-
-
-def install_header_timeout(seconds: float) -> None:
-    """Make uvicorn (as BentoML starts it, ``http="auto"``) use :class:`HeaderTimeoutProtocol`."""
-    from uvicorn import config
-
-    HeaderTimeoutProtocol.header_timeout_s = seconds
-    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:HeaderTimeoutProtocol"

@@ -19,7 +19,7 @@ import bentoml
 import quiet
 
 quiet.import_tensorflow()  # before anything else imports it: without its start-up noise
-from service import compute, edge, http  # noqa: E402
+from service import compute, edge, framework_patches, http  # noqa: E402
 from service.core import ServingCore  # noqa: E402
 from service.errors import ClientErrorLog, ThrottledMessage  # noqa: E402
 from service.grpc_api import GrpcFront  # noqa: E402
@@ -101,10 +101,10 @@ class Digits:
         predict = predict_api(SETTINGS.max_images_per_request, SETTINGS.batch_max_size, SETTINGS.batch_max_latency_ms)
 
 
-edge.install_header_timeout(SETTINGS.client_header_timeout_s)
+framework_patches.install(SETTINGS.client_header_timeout_s, SETTINGS.workers)
 _uvicorn_log = logging.getLogger("uvicorn.error")
 _uvicorn_log.addFilter(ThrottledMessage("Invalid HTTP request received.", ClientErrorLog(_uvicorn_log)))
-edge.label_metrics_by_route(lambda: edge.RouteTable(http.app.routes))
+framework_patches.label_metrics_by_route(lambda: edge.RouteTable(http.app.routes).label)
 Digits.add_asgi_middleware(
     edge.Edge,
     limits=edge.EdgeLimits(
