@@ -29,15 +29,24 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from contract import SERVABLE_NAME, SIGNATURE  # noqa: E402
-from service.launcher import free_port, start_mlflow_models_serve, start_service, stop_process, stop_service  # noqa: E402
+from service.launcher import (  # noqa: E402
+    free_port,
+    start_mlflow_models_serve,
+    start_process,
+    start_service,
+    stop_process,
+    stop_service,
+)
 
 SAMPLE_NPZ = REPO / "tests" / "fixtures" / "mnist-sample.npz"
 CONNECTIONS = 64
@@ -57,12 +66,36 @@ def generator_cpu(command: list[str], **kwargs) -> tuple[str, float]:
     return out, ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall
 
 
-def wrk(url: str, body: Path, duration: int, workdir: Path, connections: int = CONNECTIONS) -> dict:
+def wrk(
+    url: str, body: Path, duration: int, workdir: Path, connections: int = CONNECTIONS, server: subprocess.Popen | None = None
+) -> dict:
+    """Closed loop with wrk. With ``server`` (the server's top process), also its CPU per request (all its
+    processes) and how many of the connections each worker holds, looked at mid-run."""
     lua = workdir / f"{body.stem}.lua"
     lua.write_text(LUA.format(body=body))
-    out, cpu = generator_cpu(
-        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{duration}s", "--timeout", "30s", "--latency", "-s", str(lua), url]
-    )
+    command = [
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(connections),
+        "-d",
+        f"{duration}s",
+        "--timeout",
+        "30s",
+        "--latency",
+        "-s",
+        str(lua),
+        url,
+    ]
+    split: list[int] = []
+    cpu_before = server_cpu_s(server) if server else 0.0
+    if server:
+        port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+        sampler = threading.Timer(duration / 2, lambda: split.extend(connections_per_worker(server, port)))
+        sampler.start()
+    out, cpu = generator_cpu(command)
+    server_cpu = server_cpu_s(server) - cpu_before if server else None
 
     def latency_ms(label: str) -> float:
         value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M).groups()
@@ -70,13 +103,41 @@ def wrk(url: str, body: Path, duration: int, workdir: Path, connections: int = C
 
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)$", out, re.M)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50_ms": latency_ms("50"),
         "p99_ms": latency_ms("99"),
         "errors": (int(non_2xx.group(1)) if non_2xx else 0) + (1 if errors else 0),
         "generator_cpu": round(cpu, 2),
+        **({"server_cpu_ms_per_request": round(1000 * server_cpu / max(requests, 1), 4), "split": split} if server else {}),
     }
+
+
+def server_cpu_s(server: subprocess.Popen) -> float:
+    """CPU seconds used so far by a server's process and all its descendants."""
+    total = 0.0
+    top = psutil.Process(server.pid)
+    for process in [top, *top.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def connections_per_worker(server: subprocess.Popen, port: int) -> list[int]:
+    """Established connections on ``port`` held by each of the server's processes that holds any."""
+    counts = []
+    for process in psutil.Process(server.pid).children(recursive=True):
+        try:
+            held = sum(1 for c in process.net_connections("tcp") if c.status == "ESTABLISHED" and c.laddr.port == port)
+        except psutil.NoSuchProcess:
+            continue
+        if held:
+            counts.append(held)
+    return sorted(counts)
 
 
 def h2load(
@@ -152,7 +213,12 @@ def show(row: dict) -> dict:
     """Print a finished row at once (a long run that fails later keeps what it measured)."""
     print(
         f"| {row['server']} | {row['route']} | {row['load']} | {row['repeat']} | {row['rps']:,.0f} | {row['p50_ms']:.1f} | "
-        f"{row['p99_ms']:.1f} | {row['errors']} | {row['generator_cpu']:.2f} |",
+        f"{row['p99_ms']:.1f} | {row['errors']} | {row['generator_cpu']:.2f} |"
+        + (
+            f" server CPU {row['server_cpu_ms_per_request']:.3f} ms/request, connections per worker {row['split']}"
+            if "split" in row
+            else ""
+        ),
         flush=True,
     )
     return row
@@ -192,12 +258,12 @@ def bench_service(
                         "route": "/predict",
                         "load": "64 conns",
                         "repeat": repeat + 1,
-                        **wrk(f"{service.url}/predict", bodies["json"], args.duration, workdir),
+                        **wrk(f"{service.url}/predict", bodies["json"], args.duration, workdir, server=service.process),
                     }
                 )
             )
         if args.bulk:  # bulk requests: the model call, not the front, is the limit
-            bulk = wrk(f"{service.url}/predict", bodies["bulk"], args.duration, workdir, connections=8)
+            bulk = wrk(f"{service.url}/predict", bodies["bulk"], args.duration, workdir, connections=8, server=service.process)
             bulk["images_per_s"] = bulk["rps"] * args.bulk
             rows.append(
                 show({"server": label, "route": "/predict", "load": f"8 conns x {args.bulk} images", "repeat": 1, **bulk})
@@ -209,7 +275,7 @@ def bench_service(
                     "route": "TF REST :predict",
                     "load": "64 conns",
                     "repeat": 1,
-                    **wrk(f"{service.url}/v1/models/mnist:predict", bodies["tf"], args.duration, workdir),
+                    **wrk(f"{service.url}/v1/models/mnist:predict", bodies["tf"], args.duration, workdir, server=service.process),
                 }
             )
         )
@@ -263,6 +329,73 @@ def bench_service(
     return rows
 
 
+def bench_reference(
+    model_path: str, workers: int, args: argparse.Namespace, bodies: dict[str, Path], workdir: Path
+) -> list[dict]:
+    """``scripts/reference_server.py`` on the same SavedModel: the floor the service's features sit on."""
+    port = free_port()
+    command = [sys.executable, str(REPO / "scripts" / "reference_server.py"), "--model", model_path, "--port", str(port)]
+    command += ["--workers", str(workers)]
+    server = start_process(command, f"http://127.0.0.1:{port}", "/healthz", workdir / f"reference-{workers}.log")
+    try:
+        if server.process.poll() is not None:
+            raise SystemExit(f"reference server did not start:\n{server.log()[-2000:]}")
+        time.sleep(3)  # every worker up, not just the first
+        label = f"reference, {workers} worker{'s' if workers > 1 else ''}"
+        rows = [
+            show(
+                {
+                    "server": label,
+                    "route": "/predict",
+                    "load": "64 conns",
+                    "repeat": repeat + 1,
+                    **wrk(f"{server.url}/predict", bodies["json"], args.duration, workdir, server=server.process),
+                }
+            )
+            for repeat in range(args.repeats)
+        ]
+        if args.bulk:
+            bulk = wrk(f"{server.url}/predict", bodies["bulk"], args.duration, workdir, connections=8, server=server.process)
+            bulk["images_per_s"] = bulk["rps"] * args.bulk
+            rows.append(
+                show({"server": label, "route": "/predict", "load": f"8 conns x {args.bulk} images", "repeat": 1, **bulk})
+            )
+        return rows
+    finally:
+        stop_process(server)
+
+
+def compare_with_reference(rows: list[dict]) -> None:
+    """Service / reference ratios for each worker count (targets, issue 20: throughput >= 0.95x with the
+    champion, >= 0.8x with the seed; p99 <= 1.5x; CPU per request <= 1.2x)."""
+    for workers in sorted({r["server"].split(", ")[-1] for r in rows if r["server"].startswith("reference")}):
+        ours = [
+            r
+            for r in rows
+            if r["server"] == f"runtime batcher, {workers}" and r["load"] == "64 conns" and r["route"] == "/predict"
+        ]
+        reference = [r for r in rows if r["server"] == f"reference, {workers}" and r["load"] == "64 conns"]
+        if not ours or not reference:
+            continue
+
+        def mean(runs: list[dict], key: str) -> float:
+            return float(np.mean([r[key] for r in runs]))
+
+        def each(runs: list[dict], key: str, fmt: str) -> str:
+            return ", ".join(format(r[key], fmt) for r in runs)
+
+        cpu = "server_cpu_ms_per_request"
+        print(
+            f"\nservice / reference, {workers}: throughput {mean(ours, 'rps') / mean(reference, 'rps'):.2f}x "
+            f"(runs {each(ours, 'rps', ',.0f')} vs {each(reference, 'rps', ',.0f')} req/s); "
+            f"p99 {mean(ours, 'p99_ms') / mean(reference, 'p99_ms'):.2f}x "
+            f"({each(ours, 'p99_ms', '.1f')} vs {each(reference, 'p99_ms', '.1f')} ms); "
+            f"CPU per request {mean(ours, cpu) / mean(reference, cpu):.2f}x "
+            f"({each(ours, cpu, '.3f')} vs {each(reference, cpu, '.3f')} ms); "
+            f"connections per worker {[r['split'] for r in ours]} vs {[r['split'] for r in reference]}"
+        )
+
+
 def bench_mlflow(model_uri: str, args: argparse.Namespace, body: Path, workdir: Path) -> dict:
     server = start_mlflow_models_serve(
         model_uri, workdir / "mlflow-serve.log", {"MLFLOW_TRACKING_URI": args.tracking_uri} if args.tracking_uri else None
@@ -291,6 +424,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="closed-loop /predict runs per server, for the spread")
     parser.add_argument("--open-loop", default="1000,2000", help="open-loop rates in requests/s ('' for none)")
     parser.add_argument("--mlflow", metavar="URI", help="also measure `mlflow models serve` on this model URI")
+    parser.add_argument(
+        "--reference", metavar="SAVEDMODEL", help="also run scripts/reference_server.py on this SavedModel directory"
+    )
     parser.add_argument("--bulk", type=int, default=0, metavar="N", help="also 8 connections of N-image /predict requests")
     args = parser.parse_args()
     args.open_loop = [int(r) for r in args.open_loop.split(",") if r]
@@ -319,6 +455,10 @@ def main() -> None:
             for workers in (int(w) for w in args.workers.split(",")):
                 print(f"== {design} batcher, {workers} worker(s)", file=sys.stderr, flush=True)
                 rows += bench_service(args.model_uri, design, workers, args, bodies, (images, labels), workdir)
+        if args.reference:
+            for workers in (int(w) for w in args.workers.split(",")):
+                print(f"== reference server, {workers} worker(s)", file=sys.stderr, flush=True)
+                rows += bench_reference(args.reference, workers, args, bodies, workdir)
         if args.mlflow:
             print("== mlflow models serve", file=sys.stderr, flush=True)
             rows.append(show(bench_mlflow(args.mlflow, args, bodies["mlflow"], workdir)))
@@ -340,6 +480,7 @@ def main() -> None:
                 f"\n{server}: /predict over {len(runs)} runs {min(runs):,.0f}-{max(runs):,.0f} req/s, "
                 f"spread ±{100 * (max(runs) - min(runs)) / 2 / mean:.1f} % of the mean"
             )
+    compare_with_reference(rows)
     mlflow_rows = [r for r in rows if r["server"] == "mlflow models serve"]
     if mlflow_rows:
         best = max(r["rps"] for r in rows if r["route"] == "/predict" and r["load"] == "64 conns")

@@ -123,6 +123,7 @@ class Edge:
                     status, message = outcome
                     retry = [(b"retry-after", b"1")] if status == 503 else []
                     return await _answer(send_with_headers, status, message, [(b"connection", b"close"), *retry])
+                scope["digits.body"] = outcome  # read once: the hot routes take it from here
                 return await self._admit(scope, _replay(outcome, receive), send_with_headers)
             finally:
                 self._bodies_in_flight -= held[0]

@@ -83,44 +83,62 @@ class ResponseDeadline:
     held ~98,000 of them (and their futures, contexts and bound methods), ~590,000 objects that survive
     into the garbage collector's oldest generation and made every full collection a 100–270 ms stop
     (measured with ``gc.callbacks``: 36–44 such pauses per worker in 35 s of load) — the service's p99.
-    Here one ``asyncio.timeout`` per request is cancelled when the response starts, and the request
-    stays in its own task.
+    Here a request costs a dict entry: one sweep per ``tick`` (a tenth of the timeout, at most 1 s, so a
+    deadline is kept within that) cancels the requests past their deadline, and only while any wait.
     """
 
     def __init__(self, app: Callable, timeout: float) -> None:
         self.app = app
         self.timeout = timeout
+        self.tick = min(1.0, timeout / 10)
+        self._deadlines: dict[asyncio.Task, float] = {}  # requests whose answer has not started
+        self._expired: set[asyncio.Task] = set()
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        started = False
-        deadline = asyncio.timeout(self.timeout)
+        task = asyncio.current_task()
+        loop = task.get_loop()
+        self._deadlines[task] = loop.time() + self.timeout
+        if self._sweep is None:
+            self._sweep = loop.call_later(self.tick, self._cancel_late, loop)
 
         async def send_and_stop_the_clock(message: dict) -> None:
-            nonlocal started
-            if not started:
-                started = True
-                deadline.reschedule(None)  # like BentoML's: the deadline is for the answer to start
+            self._deadlines.pop(task, None)  # like BentoML's: the deadline is for the answer to start
             await send(message)
 
         try:
-            async with deadline:
-                await self.app(scope, receive, send_and_stop_the_clock)
-        except TimeoutError:
-            if not deadline.expired() or started:
+            await self.app(scope, receive, send_and_stop_the_clock)
+        except asyncio.CancelledError:
+            if task not in self._expired:
                 raise
-            from service.errors import error_body
+            self._expired.discard(task)
+            task.uncancel()
+            await _json_answer(send, 504, f"Not able to process the request in {self.timeout} seconds")
+        finally:
+            self._deadlines.pop(task, None)
+            if task in self._expired:  # cancelled by us, but the app finished anyway
+                self._expired.discard(task)
+                task.uncancel()
 
-            payload = error_body(f"Not able to process the request in {self.timeout} seconds")
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 504,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-                }
-            )
-            await send({"type": "http.response.body", "body": payload})
+    def _cancel_late(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for task, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                del self._deadlines[task]
+                self._expired.add(task)
+                task.cancel()
+        self._sweep = loop.call_later(self.tick, self._cancel_late, loop) if self._deadlines else None
+
+
+async def _json_answer(send: Callable, status: int, message: str) -> None:
+    from service.errors import error_body
+
+    payload = error_body(message)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def replace_request_timeout() -> None:

@@ -94,11 +94,17 @@ async def _body(request: Request, json: bool = True) -> bytes:
     )
 
 
+def _check_json_body(content_type: str, body: bytes | None) -> None:
+    content_type = content_type.split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise UnsupportedMediaType(f"unsupported content type {content_type or '(none)'}; send application/json")
+    if body is not None and not body:
+        raise InputError("empty request body; send JSON")
+
+
 async def _read_body(content_type: str, length: str | None, chunks: AsyncIterator[bytes], limit: int, json: bool) -> bytes:
     if json:
-        content_type = content_type.split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise UnsupportedMediaType(f"unsupported content type {content_type or '(none)'}; send application/json")
+        _check_json_body(content_type, None)
     if length is not None:
         if not length.isdigit():
             raise InputError("invalid Content-Length header")
@@ -330,13 +336,14 @@ class HotRoutes:
         settings, core = app.state.settings, app.state.core
         headers = dict(scope["headers"])
         try:
-            body = await _read_body(
-                headers.get(b"content-type", b"").decode("latin-1"),
-                _latin1(headers.get(b"content-length")),
-                _chunks(receive),
-                settings.max_body_bytes,
-                json=True,
-            )
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            body = scope.get("digits.body")  # what the edge read, within its limits
+            if body is None:
+                body = await _read_body(
+                    content_type, _latin1(headers.get(b"content-length")), _chunks(receive), settings.max_body_bytes, json=True
+                )
+            else:
+                _check_json_body(content_type, body)
             content, prediction = await handler(body, core, settings.max_images_per_request)
             status, payload = 200, orjson.dumps(content)
             extra = [(b"x-model-version", prediction.model.version.encode())]
