@@ -66,8 +66,8 @@ class RouteTable:
         route = tfserving.parse_model_path(path.removeprefix("/v1/models/")) if path.startswith("/v1/models/") else None
         if route is None or route.name != tfserving.MODEL_NAME:
             return None
-        if route.verb == "predict":
-            return "/v1/models/{model}:predict", {"POST"}
+        if route.verb in ("predict", "classify", "regress"):  # the last two: TF Serving's 400, from the route
+            return f"/v1/models/{{model}}:{route.verb}", {"POST"}
         if route.verb in (None, "metadata"):
             return f"/v1/models/{{model}}{'/metadata' if route.verb else ''}", {"GET"}
         return None
@@ -109,6 +109,8 @@ class Edge:
         if matched is None:
             return await _answer(send_with_headers, 404, f"no such endpoint: {method} {path}")
         if method not in matched[1] and not (method == "HEAD" and "GET" in matched[1]):
+            if path.startswith("/v1/models/"):  # TensorFlow Serving's answer to a method its REST API lacks
+                return await _answer(send_with_headers, 400, f"Malformed request: {method} {path}")
             allow = ", ".join(sorted(matched[1]))
             return await _answer(
                 send_with_headers, 405, f"{method} is not allowed on {path}; use {allow}", [(b"allow", allow.encode())]

@@ -38,6 +38,12 @@ class NotFound(ServiceError):
     grpc_code = grpc.StatusCode.NOT_FOUND
 
 
+class SignatureNotFound(InputError):
+    """A signature the model does not have: TF Serving's FAILED_PRECONDITION over gRPC, 400 over REST."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unavailable(ServiceError):
     """No model is loaded yet."""
 

@@ -6,8 +6,8 @@
 bytes are not the method's protobuf answers INVALID_ARGUMENT, as TensorFlow Serving does (gRPC's own
 handlers would answer UNKNOWN and log a traceback per request). The server runs
 on the worker's event loop; with several workers each binds ``GRPC_PORT`` with ``SO_REUSEPORT`` (gRPC's
-default on Linux), so the kernel spreads connections over the workers. ``Classify`` and ``Regress``
-answer UNIMPLEMENTED: the signature is a predict signature.
+default on Linux), so the kernel spreads connections over the workers. ``Classify``, ``Regress``
+and ``MultiInference`` answer INVALID_ARGUMENT, as TF Serving does for a model with a predict signature.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def _checked(method: str, handler: Callable[[Any, grpc.aio.ServicerContext], Awa
         try:
             answer = handler(request, context)  # the base servicer's unimplemented methods are plain functions
             return await answer if inspect.isawaitable(answer) else answer
-        except NotImplementedError:  # Classify, Regress, MultiInference: answered, not logged as a crash
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented: the model has a predict signature")
+        except NotImplementedError:  # Classify, Regress, MultiInference: answered as TF Serving does, no crash logged
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(tfserving.wrong_method(method)))
 
     return call
 

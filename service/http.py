@@ -83,10 +83,10 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return error_response(400, "; ".join(str(e.get("msg")) for e in error.errors()) or "invalid request")
 
 
-async def _body(request: Request, json: bool = True) -> bytes:
+async def _body(request: Request, json: bool = True, any_content_type: bool = False) -> bytes:
     """The request body, refused early when it is over MAX_BODY_BYTES or (for JSON routes) not JSON."""
     return await _read_body(
-        request.headers.get("content-type", ""),
+        None if any_content_type else request.headers.get("content-type", ""),
         request.headers.get("content-length"),
         request.stream(),
         _settings(request).max_body_bytes,
@@ -94,15 +94,17 @@ async def _body(request: Request, json: bool = True) -> bytes:
     )
 
 
-def _check_json_body(content_type: str, body: bytes | None) -> None:
-    content_type = content_type.split(";")[0].strip().lower()
+def _check_json_body(content_type: str | None, body: bytes | None) -> None:
+    """``content_type`` None: any Content-Type is read as JSON (TensorFlow Serving's REST API ignores the
+    header, and its own clients — ``requests.post(url, data=...)``, ``curl -d`` — send none or a form type)."""
+    content_type = content_type.split(";")[0].strip().lower() if content_type is not None else "application/json"
     if content_type != "application/json":
         raise UnsupportedMediaType(f"unsupported content type {content_type or '(none)'}; send application/json")
     if body is not None and not body:
         raise InputError("empty request body; send JSON")
 
 
-async def _read_body(content_type: str, length: str | None, chunks: AsyncIterator[bytes], limit: int, json: bool) -> bytes:
+async def _read_body(content_type: str | None, length: str | None, chunks: AsyncIterator[bytes], limit: int, json: bool) -> bytes:
     if json:
         _check_json_body(content_type, None)
     if length is not None:
@@ -281,6 +283,11 @@ def reload(request: Request) -> Response:
 # TensorFlow Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest)
 
 
+def _version(route: tfserving.ModelRoute, core: ServingCore) -> str | None:
+    """The version a REST path pins: ``/versions/N``, ``/labels/<label>``, or None for the served one."""
+    return tfserving.version_for_label(route.label, core.model().info) if route.label else route.version
+
+
 def _model_route(model_path: str, method: str, verbs: tuple[str | None, ...]) -> tfserving.ModelRoute:
     route = tfserving.parse_model_path(model_path)
     if route is None or route.name != tfserving.MODEL_NAME or route.verb not in verbs:
@@ -291,16 +298,20 @@ def _model_route(model_path: str, method: str, verbs: tuple[str | None, ...]) ->
 @app.post("/v1/models/{model_path:path}")
 async def tf_predict(model_path: str, request: Request) -> Response:
     """TF Serving predict: {"instances": [...]} -> {"predictions": [...]}, {"inputs": ...} -> {"outputs": ...}."""
-    route = _model_route(model_path, "POST", ("predict",))
-    body = await _body(request)
-    return _json(*await predict_tf_rest(body, _core(request), _settings(request).max_images_per_request, route.version))
+    route = _model_route(model_path, "POST", ("predict", "classify", "regress"))
+    if route.verb != "predict":
+        raise tfserving.wrong_method(route.verb)
+    body = await _body(request, any_content_type=True)
+    core = _core(request)
+    return _json(*await predict_tf_rest(body, core, _settings(request).max_images_per_request, _version(route, core)))
 
 
 @app.get("/v1/models/{model_path:path}")
 def tf_status(model_path: str, request: Request) -> Response:
     """TF Serving model status, or its signature def with /metadata."""
     route = _model_route(model_path, "GET", (None, "metadata"))
-    served = _core(request).model(route.version)
+    core = _core(request)
+    served = core.model(_version(route, core))
     if route.verb == "metadata":
         return _json(tfserving.rest_metadata_response(served.info.version, served.signature_def))
     return _json(tfserving.rest_status_response(served.info.version))
@@ -312,6 +323,7 @@ HOT_ROUTES: dict[str, Callable[[bytes, ServingCore, int], Awaitable[tuple[Any, P
     "/predict": predict_json,
     f"/v1/models/{tfserving.MODEL_NAME}:predict": predict_tf_rest,
 }
+ANY_CONTENT_TYPE = frozenset({f"/v1/models/{tfserving.MODEL_NAME}:predict"})  # as TF Serving: the header is ignored
 _JSON_HEADER = (b"content-type", b"application/json")
 
 
@@ -336,7 +348,7 @@ class HotRoutes:
         settings, core = app.state.settings, app.state.core
         headers = dict(scope["headers"])
         try:
-            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            content_type = None if scope["path"] in ANY_CONTENT_TYPE else headers.get(b"content-type", b"").decode("latin-1")
             body = scope.get("digits.body")  # what the edge read, within its limits
             if body is None:
                 body = await _read_body(

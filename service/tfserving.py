@@ -19,14 +19,15 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from contract import IMAGE_SHAPE, SIGNATURE
 from contract import SERVABLE_NAME as MODEL_NAME
-from service.errors import InputError, NotFound
+from service.errors import InputError, NotFound, SignatureNotFound
 from service.inputs import checked_pixels, pixels_from_json
 from service.runtime import ModelInfo, Prediction
 
 INPUT_NAME = SIGNATURE.input
 OUTPUT_NAMES = SIGNATURE.outputs
 _PATH = re.compile(
-    r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?:(?::(?P<verb>predict|classify|regress))|/(?P<meta>metadata))?$"
+    r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+    r"(?:(?::(?P<verb>predict|classify|regress))|/(?P<meta>metadata))?$"
 )
 
 
@@ -38,13 +39,35 @@ class ModelRoute:
     name: str
     version: str | None
     verb: str | None  # predict | classify | regress | metadata | None (status)
+    label: str | None = None  # .../labels/<label>: a version label, resolved by :func:`version_for_label`
 
 
 def parse_model_path(path: str) -> ModelRoute | None:
     match = _PATH.match(path)
     if not match:
         return None
-    return ModelRoute(match["name"], match["version"], match["verb"] or match["meta"])
+    return ModelRoute(match["name"], match["version"], match["verb"] or match["meta"], match["label"])
+
+
+def wrong_method(method: str) -> InputError:
+    """What TF Serving answers (INVALID_ARGUMENT, HTTP 400) to Classify, Regress or MultiInference on a model
+    whose signature is a predict signature."""
+    kind = {"classify": "classification", "regress": "regression"}.get(method.lower())
+    if kind is None:
+        return InputError("Unsupported signature method_name: tensorflow/serving/predict")
+    return InputError(
+        f"Expected {kind} signature method_name to be tensorflow/serving/{method.lower()}. Was: tensorflow/serving/predict"
+    )
+
+
+def version_for_label(label: str, serving: ModelInfo) -> str:
+    """The version a version label names: this server follows one registry alias, so that alias names the
+    version it serves; any other label is TensorFlow Serving's INVALID_ARGUMENT (HTTP 400)."""
+    if label != serving.alias:
+        raise InputError(
+            f"Unrecognized servable version label: {label} (this server follows {serving.alias or 'a fixed version'})"
+        )
+    return serving.version
 
 
 def parse_rest_predict(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
@@ -115,16 +138,11 @@ def requested_version(spec: model_pb2.ModelSpec, serving: ModelInfo) -> str | No
             f"Servable not found for request: Latest({spec.name or '(empty model name)'}); this server serves {MODEL_NAME!r}"
         )
     if spec.signature_name not in ("", SIGNATURE.name):
-        raise NotFound(f'Serving signature name: "{spec.signature_name}" not found in signature def')
+        raise SignatureNotFound(f'Serving signature key "{spec.signature_name}" not found.')
     if spec.HasField("version"):
         return str(spec.version.value)
     if spec.version_label:
-        if spec.version_label != serving.alias:
-            raise NotFound(
-                f"Servable not found for request: version label {spec.version_label!r} "
-                f"(this server follows {serving.alias or 'a fixed version'})"
-            )
-        return serving.version
+        return version_for_label(spec.version_label, serving)
     return None
 
 
@@ -178,11 +196,13 @@ def pixels_from_predict_request(request: predict_pb2.PredictRequest, max_images:
 
 
 def _tensor(array: np.ndarray, dtype: int) -> tensor_pb2.TensorProto:
-    return tensor_pb2.TensorProto(
-        dtype=dtype,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape]),
-        tensor_content=array.tobytes(),
-    )
+    """Values in the typed field (``float_val``, ``int64_val``), as TensorFlow Serving answers by default:
+    its example clients and tests read ``.float_val``; ``tensor_content`` is its opt-in
+    (``--enable_serialization_as_tensor_content``). ``tf.make_ndarray`` reads both."""
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape])
+    tensor = tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape)
+    getattr(tensor, "float_val" if dtype == types_pb2.DT_FLOAT else "int64_val").extend(array.ravel().tolist())
+    return tensor
 
 
 def predict_response(prediction: Prediction, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:

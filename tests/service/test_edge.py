@@ -46,7 +46,7 @@ def test_known_paths_get_their_route_template(table, path, label, method):
         "/nope",
         "/predict/",
         "/v1/models/other:predict",
-        "/v1/models/mnist:classify",
+        "/v1/models/mnist:explain",
         "/static_content/../../etc/passwd",
         "/v1/models/mnist/versions/x",
     ],

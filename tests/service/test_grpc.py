@@ -47,6 +47,9 @@ def test_stock_stub_gets_the_savedmodels_digits_and_probabilities(channel, servi
         assert_same_answers(tf.make_ndarray(response.outputs["probabilities"]), expected)
         assert tf.make_ndarray(response.outputs["digit"]).tolist() == expected.argmax(1).tolist()
         assert response.model_spec.name == "mnist" and str(response.model_spec.version.value) == version
+        # as TF Serving's mnist_client.py reads the answer: the typed fields
+        assert_same_answers(np.array(response.outputs["probabilities"].float_val).reshape(-1, 10), expected)
+        assert list(response.outputs["digit"].int64_val) == expected.argmax(1).tolist()
 
     pinned = stub.Predict(predict_request(images[:2], version=int(version)), timeout=30)
     assert str(pinned.model_spec.version.value) == version
@@ -109,7 +112,7 @@ BAD_CALLS = [
     (
         "unknown signature",
         lambda: predict_request(np.zeros((1, 28, 28), np.uint8), signature="classify_x"),
-        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
         "classify_x",
     ),
 ]
@@ -133,10 +136,11 @@ def test_bytes_that_are_not_a_protobuf_get_invalid_argument_and_one_log_line(cha
             raw(b"\xff\xff\xff not a protobuf", timeout=10)
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
         assert "not a valid tensorflow.serving.PredictRequest" in failed.value.details()
-    unimplemented = channel.unary_unary("/tensorflow.serving.PredictionService/Classify")
+    classify = channel.unary_unary("/tensorflow.serving.PredictionService/Classify")
     with pytest.raises(grpc.RpcError) as failed:
-        unimplemented(b"", timeout=10)
-    assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED and "predict signature" in failed.value.details()
+        classify(b"", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
+    assert "Expected classification signature method_name" in failed.value.details()
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     assert tf.make_ndarray(stub.Predict(predict_request(sample["x_test"][:1]), timeout=30).outputs["digit"]).shape == (1,)
     log = service.log()
@@ -220,3 +224,66 @@ def test_http_json_tf_rest_and_grpc_share_model_calls_and_all_answers_are_right(
         if shared > 0:
             break
     assert shared > 0, "no model call held requests from more than one route"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # TF Serving's own test harness: urllib, no Content-Type
+        {"Content-Type": "application/x-www-form-urlencoded"},  # api_rest.md's `curl -d '{...}'`
+        {"Content-Type": "text/plain"},
+    ],
+    ids=["no content type", "curl -d", "text/plain"],
+)
+def test_tf_rest_reads_json_whatever_the_content_type_says_as_tf_serving_does(service, trained_registry, sample, headers):
+    import json
+    import urllib.request
+
+    version = served_version(service)
+    images = sample["x_test"][:3]
+    expected = saved_model_probabilities(trained_registry, version, images)
+    for path in ("/v1/models/mnist:predict", f"/v1/models/mnist/versions/{version}:predict"):
+        request = urllib.request.Request(
+            f"{service.url}{path}", data=json.dumps({"instances": images.tolist()}).encode(), headers=headers, method="POST"
+        )
+        if not headers:
+            request.remove_header("Content-type")  # urllib adds a form type to POSTs unless told
+            request.unredirected_hdrs.pop("Content-type", None)
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            predictions = json.loads(answer.read())["predictions"]
+        assert_same_answers(np.array([p["probabilities"] for p in predictions]), expected)
+
+
+def test_version_labels_over_rest_and_grpc_name_the_served_version(service, channel, sample):
+    version = served_version(service)
+    alias = requests.get(f"{service.url}/model", timeout=10).json()["alias"]
+    body = {"instances": sample["x_test"][:2].tolist()}
+    answer = requests.post(f"{service.url}/v1/models/mnist/labels/{alias}:predict", json=body, timeout=30)
+    assert answer.status_code == 200 and answer.headers["X-Model-Version"] == version
+    status = requests.get(f"{service.url}/v1/models/mnist/labels/{alias}", timeout=10).json()
+    assert status["model_version_status"][0]["version"] == version
+    metadata = requests.get(f"{service.url}/v1/models/mnist/labels/{alias}/metadata", timeout=10).json()
+    assert metadata["model_spec"]["version"] == version
+
+    unknown = requests.post(f"{service.url}/v1/models/mnist/labels/canary:predict", json=body, timeout=30)
+    assert unknown.status_code == 400 and "Unrecognized servable version label: canary" in unknown.json()["error"]
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = predict_request(sample["x_test"][:1])
+    request.model_spec.version_label = "canary"
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.Predict(request, timeout=30)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "message"),
+    [
+        ("GET", "/v1/models/mnist:predict", "Malformed request: GET /v1/models/mnist:predict"),
+        ("POST", "/v1/models/mnist/metadata", "Malformed request: POST /v1/models/mnist/metadata"),
+        ("POST", "/v1/models/mnist:classify", "Expected classification signature method_name"),
+        ("POST", "/v1/models/mnist/versions/1:regress", "Expected regression signature method_name"),
+    ],
+)
+def test_tf_rest_answers_what_tf_serving_answers_to_the_wrong_method_or_verb(service, sample, method, path, message):
+    answer = requests.request(method, f"{service.url}{path}", json={"instances": sample["x_test"][:1].tolist()}, timeout=30)
+    assert answer.status_code == 400 and message in answer.json()["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import orjson
 import pytest
@@ -9,7 +10,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import model_pb2
 
 from service import tfserving
-from service.errors import InputError, NotFound
+from service.errors import InputError, NotFound, SignatureNotFound
 from service.runtime import ModelInfo, Prediction
 from tests.service.helpers import predict_request
 
@@ -47,6 +48,17 @@ def test_predict_response_round_trips_through_tensorflow():
     assert (response.model_spec.name, response.model_spec.version.value) == ("mnist", 4)
 
 
+def test_predict_response_fills_the_typed_fields_tf_serving_clients_read():
+    """TF Serving's mnist_client.py and its tests read ``outputs[...].float_val`` (typed fields are its
+    default); an answer only in ``tensor_content`` reads as an empty list there."""
+    probabilities = np.random.default_rng(1).random((3, 10), dtype=np.float32)
+    prediction = Prediction(probabilities, probabilities.argmax(1), INFO)
+    response = tfserving.predict_response(prediction, predict_request(np.zeros((3, 28, 28), np.uint8)))
+    np.testing.assert_array_equal(np.array(response.outputs["probabilities"].float_val, np.float32), probabilities.ravel())
+    assert list(response.outputs["digit"].int64_val) == probabilities.argmax(1).tolist()
+    assert not response.outputs["probabilities"].tensor_content and not response.outputs["digit"].tensor_content
+
+
 @pytest.mark.parametrize(
     ("spec", "result"),
     [
@@ -66,11 +78,13 @@ def test_model_spec_pinning_a_version():
 
 
 @pytest.mark.parametrize(
-    "spec", [{"name": "resnet"}, {"name": "mnist", "signature_name": "other"}, {"name": "mnist", "version_label": "canary"}]
+    ("spec", "error"), [({"name": "resnet"}, NotFound), ({"name": "mnist", "signature_name": "other"}, SignatureNotFound)]
 )
-def test_unknown_model_signature_or_label_is_not_found(spec):
-    with pytest.raises(NotFound):
+def test_unknown_model_is_not_found_and_unknown_signature_a_failed_precondition(spec, error):
+    with pytest.raises(error) as raised:
         tfserving.requested_version(model_pb2.ModelSpec(**spec), INFO)
+    expected = grpc.StatusCode.NOT_FOUND if error is NotFound else grpc.StatusCode.FAILED_PRECONDITION
+    assert raised.value.grpc_code == expected
 
 
 def test_rest_row_and_columnar_formats(sample):
@@ -106,3 +120,17 @@ def test_model_paths():
     assert tfserving.parse_model_path("mnist/versions/3/metadata") == tfserving.ModelRoute("mnist", "3", "metadata")
     assert tfserving.parse_model_path("mnist") == tfserving.ModelRoute("mnist", None, None)
     assert tfserving.parse_model_path("mnist:explode") is None
+    assert tfserving.parse_model_path("mnist/labels/champion:predict") == tfserving.ModelRoute(
+        "mnist", None, "predict", "champion"
+    )
+    assert tfserving.parse_model_path("mnist/labels/champion/metadata") == tfserving.ModelRoute(
+        "mnist", None, "metadata", "champion"
+    )
+    assert tfserving.parse_model_path("mnist/versions/3/labels/champion") is None
+
+
+def test_an_unknown_version_label_is_invalid_argument_as_in_tf_serving():
+    spec = model_pb2.ModelSpec(name="mnist", version_label="canary")
+    with pytest.raises(InputError, match="Unrecognized servable version label: canary"):
+        tfserving.requested_version(spec, INFO)
+    assert tfserving.version_for_label("champion", INFO) == INFO.version
