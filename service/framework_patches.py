@@ -79,7 +79,7 @@ class ResponseDeadline:
     within ``timeout`` seconds. Replaces ``TimeoutMiddleware``, which does the same but schedules a
     timer per request that it never cancels and runs each request in a task of its own.
 
-    Those timers live for the whole timeout (60 s), each holding a future: at 3,500 requests/s a worker
+    Those timers live for the whole timeout (`SERVICE_TIMEOUT_S`, 30 s), each holding a future: at 3,500 requests/s a worker
     held ~98,000 of them (and their futures, contexts and bound methods), ~590,000 objects that survive
     into the garbage collector's oldest generation and made every full collection a 100–270 ms stop
     (measured with ``gc.callbacks``: 36–44 such pauses per worker in 35 s of load) — the service's p99.

@@ -77,7 +77,7 @@ def test_the_apps_own_timeout_error_is_not_taken_for_the_deadline():
 
 
 def test_answered_requests_leave_no_timer_behind():
-    """BentoML's TimeoutMiddleware left one 60 s timer (and its future) per request: 98,000 in a worker
+    """BentoML's TimeoutMiddleware left one 30 s timer (SERVICE_TIMEOUT_S) (and its future) per request: 98,000 in a worker
     under load, and the garbage collector's long pauses with them. Here one sweep timer per worker."""
     middleware = ResponseDeadline(_answer(200, b"ok"), 60)
 
