@@ -36,11 +36,20 @@ MAX_PROBABILITY_DIFF = 0.05  # bfloat16 keeps 3 significant digits: observed dif
 BF16_OPTION = "auto_mixed_precision_onednn_bfloat16"
 
 
-def usable_cores() -> int:
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
+    ``--cpus`` or a Kubernetes CPU limit, which affinity does not show), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def thread_counts(cores: int, intra: int | None = None, inter: int | None = None) -> tuple[int, int]:

@@ -131,6 +131,7 @@ def start_service(
         "GRPC_HOST": "127.0.0.1",
         "GRPC_PORT": str(free_port()),
         "BENTOML_HOME": str(log_path.parent / f"bentoml-home-{port}"),
+        "SERVICE_WORKERS": "1",  # tests and benchmarks say when they want more (the service's default: one per core)
         **env,
     }
     grpc_port = int(env["GRPC_PORT"])

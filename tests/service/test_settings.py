@@ -28,3 +28,28 @@ def test_batches_hold_the_largest_request_so_none_is_split(monkeypatch):
     assert Settings.from_env().batch_max_size == 64
     monkeypatch.setenv("BATCH_MAX_SIZE", "16")
     assert Settings.from_env().batch_max_size == 16
+
+
+@pytest.mark.parametrize("value", [None, "", "auto"])
+def test_workers_default_to_one_per_usable_core(monkeypatch, value):
+    from service.compute import usable_cores
+
+    if value is None:
+        monkeypatch.delenv("SERVICE_WORKERS", raising=False)
+    else:
+        monkeypatch.setenv("SERVICE_WORKERS", value)
+    assert Settings.from_env().workers == usable_cores() >= 1
+    monkeypatch.setenv("SERVICE_WORKERS", "3")
+    assert Settings.from_env().workers == 3
+
+
+@pytest.mark.parametrize(("cpu_max", "cap"), [("max 100000", None), ("150000 100000", 2), ("50000 100000", 1), ("junk", None)])
+def test_usable_cores_respect_a_container_cpu_quota(tmp_path, cpu_max, cap):
+    import os
+
+    from service.compute import usable_cores
+
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path / "cpu.max") == (min(affinity, cap) if cap else affinity)
+    assert usable_cores(tmp_path / "absent") == affinity
