@@ -9,8 +9,14 @@ SPACE ?= fast
 # cheap trials (a subset of the images, few epochs, Hyperband), the best two retrained on all of them
 TUNE_ARGS ?= --set data.train_limit=15000 --retrain-top 2 --retrain-set epochs=40
 BIN := $(VENV)/bin
+.DEFAULT_GOAL := help
 
-.PHONY: run announce train tune serve bento draw ui test test-fast lint format install install-dev clean
+## make help: this list (bare `make` shows it too)
+help:
+	@sed -n 's/^## //p' $(MAKEFILE_LIST) | sed -e 's/$$(CONFIG)/$(CONFIG)/g; s/$$(PORT)/$(PORT)/g; s/$$(UI_PORT)/$(UI_PORT)/g' \
+	  -e 's/$$(TRIALS)/$(TRIALS)/g; s/$$(SPACE)/$(SPACE)/g; s/[$$][$$]/$$/g'
+
+.PHONY: help run announce train tune serve bento draw ui test test-fast lint format install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +48,12 @@ class GrpcClient:
 
     def __init__(self, target: str, timeout_s: float = 30.0) -> None:
         import grpc
-        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+        from quiet import native_stderr_to_devnull
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+        with native_stderr_to_devnull():  # TF Serving's protos import TensorFlow, whose native start-up is noisy
+            from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         self._grpc = grpc
         self.timeout_s = timeout_s

@@ -1,0 +1,63 @@
+"""``python -m service.client``: the same answer over HTTP and gRPC, one clean error line when it fails."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.launcher import free_port
+from tests.service.helpers import saved_model_probabilities, served_version
+
+pytestmark = pytest.mark.slow
+
+
+def client(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.client", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_predict_over_http_and_grpc_gives_the_savedmodels_digit(service, trained_registry, sample, tmp_path):
+    images = sample["x_test"][:2]
+    paths = [tmp_path / f"digit-{i}.npy" for i in range(2)]
+    for path, image in zip(paths, images, strict=True):
+        np.save(path, image)
+    Image.fromarray(images[0]).save(tmp_path / "digit.png")
+    expected = saved_model_probabilities(trained_registry, served_version(service), images).argmax(1).tolist()
+
+    for where in (["--http", service.url], ["--grpc", service.grpc_target]):
+        done = client("predict", *map(str, paths), *where)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        answers = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [a["digit"] for a in answers] == expected
+        assert all(a["model_version"] == served_version(service) for a in answers)
+        picture = client("predict", str(tmp_path / "digit.png"), *where)
+        assert picture.returncode == 0 and json.loads(picture.stdout)["digit"] in range(10)
+
+
+def test_the_shipped_example_requests_work_as_the_readme_sends_them(service, trained_registry):
+    import requests
+
+    from tests.helpers import REPO_ROOT
+
+    examples = REPO_ROOT / "examples"
+    pixels = np.array(json.loads((examples / "digit.json").read_text()), dtype=np.uint8)
+    expected = saved_model_probabilities(trained_registry, served_version(service), pixels[None]).argmax(1).tolist()
+    answer = requests.post(
+        f"{service.url}/predict", data=(examples / "digit.json").read_bytes(), headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 200 and [a["digit"] for a in answer.json()] == expected
+    with (examples / "digit.png").open("rb") as picture:
+        upload = requests.post(f"{service.url}/predict_image", files={"image": picture})
+    assert upload.status_code == 200 and upload.json()["digit"] in range(10)
+
+
+@pytest.mark.parametrize("where", ["--grpc", "--http"])
+def test_an_unreachable_service_is_one_error_line_without_tensorflows_start_up_noise(where):
+    address = f"127.0.0.1:{free_port()}"
+    done = client("metadata", where, address if where == "--grpc" else f"http://{address}")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
