@@ -296,6 +296,8 @@ def _describe_outcome(
         f"promoted to `{CHAMPION}`"
         if decision.promote
         else f"not promoted (`{CHAMPION}` stays on version {outcome.previous_champion})"
+        if outcome.previous_champion
+        else f"not promoted (there is no `{CHAMPION}` yet)"
     )
     mlflow.set_tag(
         "mlflow.note.content",

@@ -47,8 +47,11 @@ def register(model_uri: str, name: str, tags: dict[str, str], description: str) 
     """Register ``model_uri`` as a new version of ``name`` and point ``challenger`` at it."""
     client = MlflowClient()
     _describe_registered_model(client, name)
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    client.update_model_version(name, version.version, description=description)
+    # the client's call, not mlflow.register_model: that one prints "Registered model ... already exists"
+    # on every training, the first included (the model was just created above, with its description)
+    logged = model_uri.removeprefix("models:/")
+    model_id = logged if model_uri.startswith("models:/m-") and "/" not in logged else None
+    version = client.create_model_version(name, source=model_uri, tags=tags, description=description, model_id=model_id)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return client.get_model_version(name, version.version)
 

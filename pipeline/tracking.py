@@ -79,16 +79,29 @@ def _first_contact_lock(path: Path | None) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+EXPERIMENT_TAGS = {
+    # without it MLflow 3's UI opens the experiment in its GenAI mode and calls training runs "Evaluations"
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "Training runs of the digit classifier (`python -m pipeline train`) and hyperparameter searches "
+        "(`python -m pipeline tune`, parent runs with their trials nested). Each training run's description "
+        "says what came of it: its test accuracy, the registered version and the gate's decision."
+    ),
+}
+
+
 def _select_experiment(uri: str, experiment: str) -> str:
     existing = mlflow.get_experiment_by_name(experiment)
     if existing is not None:
         mlflow.set_experiment(experiment_id=existing.experiment_id)
+        if any(existing.tags.get(key) != value for key, value in EXPERIMENT_TAGS.items()):
+            mlflow.set_experiment_tags(EXPERIMENT_TAGS)
         return existing.experiment_id
     artifact_location = None
     path = sqlite_path(uri)
     if path is not None:  # a file store: keep artifacts beside the database
         artifact_location = (path.resolve().parent / EMBEDDED_ARTIFACTS).as_uri()
-    experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

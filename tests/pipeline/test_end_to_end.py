@@ -96,6 +96,9 @@ def test_run_holds_params_metrics_artifacts_tags_and_dataset(trained_registry):
     note = tags["mlflow.note.content"]
     accuracy = trained_registry.result["test_accuracy"]
     assert f"{accuracy:.4f}" in note and "mnist-cnn version 1" in note and "promoted to `champion`" in note
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training mode
+    assert "python -m pipeline train" in experiment.tags["mlflow.note.content"]
     contexts = {d.tags[0].value for d in run.inputs.dataset_inputs}
     assert contexts == {"training", "testing"}
     assert all(tags["data_digest"] in d.dataset.name for d in run.inputs.dataset_inputs)
@@ -127,6 +130,7 @@ def test_gate_keeps_champion_then_evaluate_and_promote_by_hand(trained_registry,
         cwd,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "already exists" not in proc.stderr, "MLflow's registration notice is noise to a trainer"
     second = last_json_line(proc.stdout)
     assert second["model_version"] == "2" and second["promoted"] is False
     assert Path(second["export_path"]).name == "2"
