@@ -189,7 +189,11 @@ class GrpcUser(User):
             response = self.stub.Predict(request, timeout=30)
             length = response.ByteSize()
             digit = response.outputs["digit"]
-            if not (digit.int64_val or digit.tensor_content) or len(response.outputs["probabilities"].tensor_content) != 40:
+            probabilities = response.outputs["probabilities"]  # typed fields (TF Serving's default) or packed bytes
+            if (
+                not (digit.int64_val or digit.tensor_content)
+                or (len(probabilities.float_val) or len(probabilities.tensor_content) // 4) != 10
+            ):
                 error = ValueError("answer needs a digit and 10 float32 probabilities")
         except grpc.RpcError as exc:
             error = exc
