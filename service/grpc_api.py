@@ -125,7 +125,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         async def work() -> get_model_metadata_pb2.GetModelMetadataResponse:
             served = self.core.model(tfserving.requested_version(request.model_spec, self.core.model().info))
-            return tfserving.metadata_response(request, served.info.version, served.signature_def)
+            return tfserving.metadata_response(request, served.info.version, served.signature_defs)
 
         return await _answer(context, "GetModelMetadata", work)
 

@@ -313,7 +313,7 @@ def tf_status(model_path: str, request: Request) -> Response:
     core = _core(request)
     served = core.model(_version(route, core))
     if route.verb == "metadata":
-        return _json(tfserving.rest_metadata_response(served.info.version, served.signature_def))
+        return _json(tfserving.rest_metadata_response(served.info.version, served.signature_defs))
     return _json(tfserving.rest_status_response(served.info.version))
 
 

@@ -59,7 +59,7 @@ class ModelInfo:
 class LoadedModel:
     info: ModelInfo
     serve: Any  # the SavedModel's signature function (contract.SIGNATURE)
-    signature_def: Any  # tensorflow.core.protobuf.meta_graph_pb2.SignatureDef
+    signature_defs: dict[str, Any]  # name -> tensorflow.core.protobuf.meta_graph_pb2.SignatureDef, as saved
     key: str  # what was resolved: name/version, or a local path
     _keepalive: Any = field(repr=False, default=None)  # the loaded SavedModel object owning the variables
 
@@ -239,7 +239,7 @@ class ModelRuntime:
         try:
             saved = tf.saved_model.load(path)
             serve = saved.signatures[SIGNATURE.name]
-            signature_def = _signature_def(path)
+            signature_defs = _signature_defs(path)
         except Exception as exc:
             raise ModelLoadError(
                 f"{source.key} is not a SavedModel with a {SIGNATURE.name} signature: {_first_line(exc)}"
@@ -259,13 +259,13 @@ class ModelRuntime:
             path=str(path),
             loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        loaded = LoadedModel(info, serve, signature_def, source.key, saved)
+        loaded = LoadedModel(info, serve, signature_defs, source.key, saved)
         precision, self.precision_reason = choose_precision(self.precision, lambda pixels: loaded.predict(pixels)[0])
         if precision != "bf16" and self.precision != "fp32":
             logger.warning("version %s runs in fp32: %s", source.version, self.precision_reason)
         elif precision == "bf16":
             logger.info("version %s runs in bfloat16: %s", source.version, self.precision_reason)
-        loaded = LoadedModel(replace(info, precision=precision), serve, signature_def, source.key, saved)
+        loaded = LoadedModel(replace(info, precision=precision), serve, signature_defs, source.key, saved)
         loaded.predict(np.zeros((1, *IMAGE_SHAPE), np.uint8))  # warm up before taking traffic
         return loaded
 
@@ -333,8 +333,12 @@ def _bound_registry_calls(timeout_s: float) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
-def _signature_def(path: str) -> Any:
+def _signature_defs(path: str) -> dict[str, Any]:
+    """Every SignatureDef of the SavedModel's MetaGraph (TF Serving's metadata lists them all); raises
+    KeyError without the serving signature."""
     from tensorflow.python.saved_model import loader_impl
 
-    meta_graph = loader_impl.parse_saved_model(path).meta_graphs[0]
-    return meta_graph.signature_def[SIGNATURE.name]
+    signature_defs = dict(loader_impl.parse_saved_model(path).meta_graphs[0].signature_def)
+    if SIGNATURE.name not in signature_defs:
+        raise KeyError(f"no {SIGNATURE.name!r} signature (it has {sorted(signature_defs)})")
+    return signature_defs

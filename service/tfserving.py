@@ -119,12 +119,16 @@ def rest_status_response(version: str) -> dict[str, Any]:
     }
 
 
-def rest_metadata_response(version: str, signature_def: Any) -> dict[str, Any]:
+def rest_metadata_response(version: str, signature_defs: dict[str, Any]) -> dict[str, Any]:
+    """As TF Serving's REST API: every signature def, default-valued fields printed too."""
     from google.protobuf.json_format import MessageToDict
 
+    signature_map = MessageToDict(
+        _signature_map(signature_defs), preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     return {
         "model_spec": {"name": MODEL_NAME, "signature_name": "", "version": version},
-        "metadata": {"signature_def": MessageToDict(_signature_map(signature_def), preserving_proto_field_name=True)},
+        "metadata": {"signature_def": signature_map},
     }
 
 
@@ -219,7 +223,7 @@ def predict_response(prediction: Prediction, request: predict_pb2.PredictRequest
 
 
 def metadata_response(
-    request: get_model_metadata_pb2.GetModelMetadataRequest, version: str, signature_def: Any
+    request: get_model_metadata_pb2.GetModelMetadataRequest, version: str, signature_defs: dict[str, Any]
 ) -> get_model_metadata_pb2.GetModelMetadataResponse:
     fields = list(request.metadata_field) or ["signature_def"]
     if fields != ["signature_def"]:
@@ -227,7 +231,7 @@ def metadata_response(
     response = get_model_metadata_pb2.GetModelMetadataResponse()
     _fill_spec(response.model_spec, version)
     response.model_spec.signature_name = ""
-    response.metadata["signature_def"].Pack(_signature_map(signature_def))
+    response.metadata["signature_def"].Pack(_signature_map(signature_defs))
     return response
 
 
@@ -245,7 +249,8 @@ def _fill_spec(spec: model_pb2.ModelSpec, version: str) -> None:
     spec.signature_name = SIGNATURE.name
 
 
-def _signature_map(signature_def: Any) -> get_model_metadata_pb2.SignatureDefMap:
+def _signature_map(signature_defs: dict[str, Any]) -> get_model_metadata_pb2.SignatureDefMap:
     signature_map = get_model_metadata_pb2.SignatureDefMap()
-    signature_map.signature_def[SIGNATURE.name].CopyFrom(signature_def)
+    for name, signature_def in signature_defs.items():
+        signature_map.signature_def[name].CopyFrom(signature_def)
     return signature_map

@@ -65,6 +65,7 @@ def test_metadata_shows_the_signature_and_status_the_version(channel, service):
     metadata = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=30)
     signatures = get_model_metadata_pb2.SignatureDefMap()
     metadata.metadata["signature_def"].Unpack(signatures)
+    assert set(signatures.signature_def) >= {"serving_default", "__saved_model_init_op"}  # every one, as TF Serving
     signature = signatures.signature_def["serving_default"]
     assert signature.inputs["pixels"].dtype == tf.uint8.as_datatype_enum
     assert [d.size for d in signature.inputs["pixels"].tensor_shape.dim] == [-1, 28, 28]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from tensorflow.python.saved_model import loader_impl
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from service.launcher import start_service, stop_service
@@ -79,7 +80,11 @@ def test_tensorflow_serving_rest_formats(service, trained_registry, sample):
     }
     metadata = requests.get(f"{v1}/metadata", timeout=10).json()
     assert metadata["model_spec"] == {"name": "mnist", "signature_name": "", "version": version}
-    signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    signature_defs = metadata["metadata"]["signature_def"]["signature_def"]
+    saved = loader_impl.parse_saved_model(str(trained_registry.export_path)).meta_graphs[0].signature_def
+    assert set(signature_defs) == set(saved) >= {"serving_default", "__saved_model_init_op"}  # all of them, as TF Serving
+    assert signature_defs["__saved_model_init_op"]["inputs"] == {}  # default-valued fields printed, as TF Serving
+    signature = signature_defs["serving_default"]
     assert signature["inputs"]["pixels"]["dtype"] == "DT_UINT8"
     assert [d["size"] for d in signature["inputs"]["pixels"]["tensor_shape"]["dim"]] == ["-1", "28", "28"]
     assert set(signature["outputs"]) == {"probabilities", "digit"}
