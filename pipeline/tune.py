@@ -256,6 +256,11 @@ def run_trial(
         if pruner.pruned_at is not None:
             status, state = "KILLED", "PRUNED"
             mlflow.log_metric("pruned_at_epoch", pruner.pruned_at)
+            mlflow.set_tag(
+                "mlflow.note.content",
+                f"Trial {trial.number} of study **{study.name}**: pruned after epoch {pruner.pruned_at + 1} "
+                f"(validation accuracy {pruner.history[-1]:.4f}, behind the trials before it at that epoch).",
+            )
             raise optuna.TrialPruned(f"validation accuracy {pruner.history[-1]:.4f} at epoch {pruner.pruned_at + 1}")
         probabilities = keras.ops.convert_to_numpy(result.model.predict(model_input(splits.x_val), batch_size=1024, verbose=0))
         accuracy = float((probabilities.argmax(1) == splits.y_val).mean())
@@ -264,6 +269,12 @@ def run_trial(
         for key, value in {"val_accuracy": accuracy, **cost.metrics(), "training_s": result.wall_time_s}.items():
             trial.set_user_attr(key, value)
         status, state = "FINISHED", "COMPLETE"
+        mlflow.set_tag(
+            "mlflow.note.content",
+            f"Trial {trial.number} of study **{study.name}**: validation accuracy **{accuracy:.4f}**, "
+            f"{cost.ms_per_image:.4f} ms/image at batch {BATCH}, {result.epochs_run} epochs in "
+            f"{result.wall_time_s:.0f} s. Sampled: " + ", ".join(f"`{k}={v}`" for k, v in trial.params.items()),
+        )
     except optuna.TrialPruned:
         raise
     except Exception as exc:  # the trial fails, the study goes on; its progress line says why
@@ -304,6 +315,13 @@ def run_study(
             mlflow.log_params({f"fixed.{key}": value for key, value in study.fixed.items()})
             mlflow.set_tag("tune.fixed", ", ".join(f"{key}={value}" for key, value in study.fixed.items()))
         mlflow.log_artifact(str(study.space.path), artifact_path="search_space")
+        mlflow.set_tag(
+            "mlflow.note.content",
+            f"Hyperparameter search **{study.name}** over `{study.space.path.name}` from config `{study.config}`: "
+            f"{trials} trials scored on {scored_on}, each a nested run below. "
+            + (f"Fixed for every trial: {', '.join(f'`{k}={v}`' for k, v in study.fixed.items())}. " if study.fixed else "")
+            + "When it ends: `trials.json`, `pareto_front.json` and the plots in this run's artifacts.",
+        )
         remaining = trials - len(_finished(opened))
         if remaining > 0:
             opened.optimize(

@@ -72,6 +72,10 @@ def test_a_study_logs_a_parent_run_and_one_nested_run_per_trial(tuned):
             assert child.info.status == "FINISHED"
             assert 0 <= metrics["val_accuracy_final"] <= 1 and metrics["ms_per_image"] > 0
             assert metrics["parameters"] > 0 and metrics["flops"] > 0
+            assert f"validation accuracy **{metrics['val_accuracy_final']:.4f}**" in child.data.tags["mlflow.note.content"]
+        elif state == "PRUNED":
+            assert "pruned after epoch" in child.data.tags["mlflow.note.content"]
+    assert "Hyperparameter search" in tuned.parent.data.tags["mlflow.note.content"]  # what a reviewer reads first
     artifacts = {a.path for a in client.list_artifacts(tuned.parent.info.run_id)}
     artifacts |= {a.path for a in client.list_artifacts(tuned.parent.info.run_id, "plots")}
     assert {"trials.json", "pareto_front.json", "search_space", "plots/pareto_front.png"} <= artifacts
