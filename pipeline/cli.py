@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,10 +21,19 @@ def main(argv: list[str] | None = None) -> int:
     quiet.import_tensorflow()
     from mlflow.exceptions import MlflowException
 
+    from pipeline.distributed import WorkerFailed
     from pipeline.errors import PipelineError
 
     try:
         return args.handler(args)
+    except WorkerFailed as exc:
+        # Another task of the training cluster is gone; the run is already marked FAILED. TensorFlow's
+        # collective runtime is left half torn down, and finalising its thread pools at interpreter exit
+        # sometimes printed a traceback (multiprocessing's Pool.__del__ on a closed pipe): leave at once.
+        print(f"error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
