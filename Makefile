@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (see README):  make run   |   make test
 PYTHON ?= python3
 VENV ?= .venv
+CLIENTS_VENV ?= .venv-clients
 CONFIG ?= champion
 PORT ?= 3000
 UI_PORT ?= 5000
@@ -25,8 +26,14 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 
-install-dev: $(BIN)/python
+install-dev: $(BIN)/python $(CLIENTS_VENV)/installed
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+# Triton's V2 clients for the tests, in their own environment (why: tests/service/clients/requirements.txt)
+$(CLIENTS_VENV)/installed: tests/service/clients/requirements.txt
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r tests/service/clients/requirements.txt
+	touch $@
 
 ## make run: install, train $(CONFIG), register and gate it, then serve the champion on $(PORT)
 run: announce install train serve
@@ -81,4 +88,4 @@ format: install-dev
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) mlflow.db mlartifacts exports optuna.db
+	rm -rf $(VENV) $(CLIENTS_VENV) mlflow.db mlartifacts exports optuna.db

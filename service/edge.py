@@ -24,7 +24,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service import tfserving
+from service import open_inference, tfserving
 from service.errors import error_body
 from service.framework_patches import BENTOML_STATIC
 
@@ -63,6 +63,11 @@ class RouteTable:
             return path, methods
         if path in self.static:
             return "/static_content", {"GET", "HEAD"}
+        if path.startswith("/v2/models/"):
+            v2 = open_inference.parse_model_path(path.removeprefix("/v2/models/"))
+            if v2 is None:  # an unknown model name goes on: the route names the model this server serves
+                return None
+            return f"/v2/models/{{model}}{'/' + v2.verb if v2.verb else ''}", {"POST"} if v2.verb == "infer" else {"GET"}
         route = tfserving.parse_model_path(path.removeprefix("/v1/models/")) if path.startswith("/v1/models/") else None
         if route is None or route.name != tfserving.MODEL_NAME:
             return None

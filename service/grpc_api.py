@@ -1,8 +1,10 @@
-"""TensorFlow Serving's gRPC API for the ``mnist`` model, on the same serving core as the HTTP routes.
+"""TensorFlow Serving's and the Open Inference Protocol's gRPC APIs for the ``mnist`` model, on the same
+serving core as the HTTP routes.
 
 ``tensorflow.serving.PredictionService`` (``Predict``, ``GetModelMetadata``) and
 ``tensorflow.serving.ModelService`` (``GetModelStatus``), with the stock stubs from
-``tensorflow_serving.apis``, plus the standard health service and server reflection. A request whose
+``tensorflow_serving.apis``; ``inference.GRPCInferenceService`` (KServe V2, as tritonclient calls it);
+the standard health service and server reflection. A request whose
 bytes are not the method's protobuf answers INVALID_ARGUMENT, as TensorFlow Serving does (gRPC's own
 handlers would answer UNKNOWN and log a traceback per request). The server runs
 on the worker's event loop; with several workers each binds ``GRPC_PORT`` with ``SO_REUSEPORT`` (gRPC's
@@ -34,14 +36,17 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from service import tfserving
+from service import open_inference, tfserving
 from service.core import ServingCore
 from service.errors import ClientErrorLog, ServiceError
+from service.protos import open_inference_pb2 as v2
 
 logger = logging.getLogger("digits.grpc")
 client_errors = ClientErrorLog(logger)
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+V2_DESCRIPTOR = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+V2_SERVICE = V2_DESCRIPTOR.full_name
 Reply = TypeVar("Reply")
 
 
@@ -144,6 +149,55 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return await _answer(context, "GetModelStatus", work)
 
 
+class InferenceService:
+    """The Open Inference Protocol's ``inference.GRPCInferenceService`` (KServe V2, Triton's clients)."""
+
+    def __init__(self, core: ServingCore, max_images: int) -> None:
+        self.core = core
+        self.max_images = max_images
+
+    async def ServerLive(self, request: v2.ServerLiveRequest, context: grpc.aio.ServicerContext) -> v2.ServerLiveResponse:
+        return v2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: v2.ServerReadyRequest, context: grpc.aio.ServicerContext) -> v2.ServerReadyResponse:
+        return v2.ServerReadyResponse(ready=self.core.runtime.ready)
+
+    async def ModelReady(self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext) -> v2.ModelReadyResponse:
+        async def work() -> v2.ModelReadyResponse:
+            open_inference.check_model(request.name)
+            if not self.core.runtime.ready:
+                return v2.ModelReadyResponse(ready=False)
+            self.core.model(request.version or None)
+            return v2.ModelReadyResponse(ready=True)
+
+        return await _answer(context, "ModelReady", work)
+
+    async def ServerMetadata(
+        self, request: v2.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> v2.ServerMetadataResponse:
+        return v2.ServerMetadataResponse(**open_inference.server_metadata())
+
+    async def ModelMetadata(
+        self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> v2.ModelMetadataResponse:
+        async def work() -> v2.ModelMetadataResponse:
+            open_inference.check_model(request.name)
+            return open_inference.grpc_model_metadata(self.core.model(request.version or None).info.version)
+
+        return await _answer(context, "ModelMetadata", work)
+
+    async def ModelInfer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext) -> v2.ModelInferResponse:
+        async def work() -> v2.ModelInferResponse:
+            open_inference.check_model(request.model_name)
+            version = request.model_version or None
+            self.core.model(version)
+            parsed = open_inference.parse_grpc_infer(request, self.max_images)
+            prediction = await self.core.predict(parsed.pixels, "v2_grpc", version)
+            return open_inference.grpc_infer_response(prediction, parsed)
+
+        return await _answer(context, "ModelInfer", work)
+
+
 class GrpcFront:
     """The gRPC server of one worker: start it on the worker's event loop, stop it on shutdown."""
 
@@ -164,11 +218,12 @@ class GrpcFront:
                     prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"], PredictionService(core, max_images)
                 ),
                 service_handler(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelService(core)),
+                service_handler(V2_DESCRIPTOR, InferenceService(core, max_images)),
             )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (PREDICTION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (PREDICTION_SERVICE, MODEL_SERVICE, V2_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
 
     async def start(self, host: str = "[::]") -> None:
@@ -177,11 +232,11 @@ class GrpcFront:
             raise RuntimeError(f"cannot listen for gRPC on port {self.port} (in use by another program?)")
         await self.server.start()
         await self.set_serving(self.core.runtime.ready)
-        logger.info("gRPC (TensorFlow Serving API) listening on port %d", self.port)
+        logger.info("gRPC (TensorFlow Serving API, Open Inference Protocol V2) listening on port %d", self.port)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
+        for service in ("", PREDICTION_SERVICE, MODEL_SERVICE, V2_SERVICE):
             await self.health.set(service, status)
 
     async def stop(self, grace_s: float = 5.0) -> None:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, Response
 
-from service import tfserving
+from service import open_inference, tfserving
 from service.core import ServingCore
 from service.errors import (
     ClientErrorLog,
@@ -35,7 +36,7 @@ from service.errors import (
     error_response,
     response_for,
 )
-from service.inputs import pixels_from_image_bytes, pixels_from_json
+from service.inputs import parsed_json, pixels_from_image_bytes, pixels_from_json
 from service.runtime import ModelLoadError, Prediction, RegistryUnavailable
 
 logger = logging.getLogger("digits.http")
@@ -49,7 +50,7 @@ DRAW_ASSETS = {
 
 app = FastAPI(
     title="Digits: handwritten digit predictions",
-    description="HTTP JSON, image upload, TensorFlow Serving REST; gRPC on GRPC_PORT (see README)",
+    description="HTTP JSON, image upload, TensorFlow Serving REST, Open Inference Protocol (V2) REST; gRPC on GRPC_PORT",
 )
 
 
@@ -124,8 +125,19 @@ async def _read_body(content_type: str | None, length: str | None, chunks: Async
     return body
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """An answer already in bytes, with its own Content-Type and headers (V2's binary tensors)."""
+
+    payload: bytes
+    media_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
 def _json(content: Any, prediction: Prediction | None = None) -> Response:
-    headers = {"X-Model-Version": prediction.model.version} if prediction else None
+    headers = {"X-Model-Version": prediction.model.version} if prediction else {}
+    if isinstance(content, Encoded):
+        return Response(content.payload, media_type=content.media_type, headers={**headers, **dict(content.headers)})
     return Response(orjson.dumps(content), media_type="application/json", headers=headers)
 
 
@@ -139,10 +151,7 @@ def answers(prediction: Prediction) -> list[dict[str, Any]]:
 
 async def predict_json(body: bytes, core: ServingCore, max_images: int) -> tuple[Any, Prediction]:
     """``POST /predict``: a JSON body -> (the answer, the prediction it came from)."""
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InputError(f"malformed JSON: {exc}") from None
+    value = parsed_json(body)
     prediction = await core.predict(pixels_from_json(value, max_images, "request body"), "http_json")
     return answers(prediction), prediction
 
@@ -153,6 +162,19 @@ async def predict_tf_rest(body: bytes, core: ServingCore, max_images: int, versi
     pixels, columnar = tfserving.parse_rest_predict(body, max_images)
     prediction = await core.predict(pixels, "tf_rest", version)
     return tfserving.rest_predict_response(prediction, columnar), prediction
+
+
+async def infer_v2(
+    body: bytes, core: ServingCore, max_images: int, version: str | None = None, header_length: str | None = None
+) -> tuple[Encoded, Prediction]:
+    """``POST /v2/models/mnist[/versions/N]/infer``: an Open Inference Protocol body -> (the answer, the prediction)."""
+    core.model(version)
+    request = open_inference.parse_rest_infer(body, header_length, max_images)
+    prediction = await core.predict(request.pixels, "v2_rest", version)
+    payload, json_length = open_inference.rest_infer_response(prediction, request)
+    if json_length is None:
+        return Encoded(payload), prediction
+    return Encoded(payload, "application/octet-stream", ((open_inference.HEADER_LENGTH, str(json_length)),)), prediction
 
 
 @app.post("/predict")
@@ -317,22 +339,77 @@ def tf_status(model_path: str, request: Request) -> Response:
     return _json(tfserving.rest_status_response(served.info.version))
 
 
+# Open Inference Protocol (V2) REST (https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/)
+
+
+@app.get("/v2")
+def v2_server_metadata() -> Response:
+    """V2 server metadata: name, version, protocol extensions."""
+    return _json(open_inference.server_metadata())
+
+
+@app.get("/v2/health/live")
+def v2_live() -> Response:
+    return _json({"live": True})
+
+
+@app.get("/v2/health/ready")
+def v2_ready(request: Request) -> Response:
+    """200 when a model is loaded, else 503 (as KServe's servers answer)."""
+    _core(request).model()
+    return _json({"ready": True})
+
+
+def _v2_route(model_path: str, method: str, verbs: tuple[str | None, ...]) -> open_inference.ModelRoute:
+    route = open_inference.parse_model_path(model_path)
+    if route is None or route.verb not in verbs:
+        raise NotFound(f"no such endpoint: {method} /v2/models/{model_path}")
+    open_inference.check_model(route.name)
+    return route
+
+
+@app.get("/v2/models/{model_path:path}")
+def v2_model(model_path: str, request: Request) -> Response:
+    """V2 model metadata, or with /ready the model's readiness (200, or 503 before it is loaded)."""
+    route = _v2_route(model_path, "GET", (None, "ready"))
+    served = _core(request).model(route.version)
+    if route.verb == "ready":
+        return _json({"name": route.name, "ready": True})
+    return _json(open_inference.model_metadata(served.info.version))
+
+
+@app.post("/v2/models/{model_path:path}")
+async def v2_infer(model_path: str, request: Request) -> Response:
+    """V2 inference: JSON tensors, or the binary tensor extension (Inference-Header-Content-Length)."""
+    route = _v2_route(model_path, "POST", ("infer",))
+    body = await _body(request, any_content_type=True)
+    max_images = _settings(request).max_images_per_request
+    header_length = request.headers.get(open_inference.HEADER_LENGTH)
+    return _json(*await infer_v2(body, _core(request), max_images, route.version, header_length))
+
+
 # -- the hot path ---------------------------------------------------------------------------------
 
-HOT_ROUTES: dict[str, Callable[[bytes, ServingCore, int], Awaitable[tuple[Any, Prediction]]]] = {
-    "/predict": predict_json,
-    f"/v1/models/{tfserving.MODEL_NAME}:predict": predict_tf_rest,
+HotHandler = Callable[[bytes, dict[bytes, bytes], ServingCore, int], Awaitable[tuple[Any, Prediction]]]
+V2_INFER = f"/v2/models/{open_inference.MODEL_NAME}/infer"
+HOT_ROUTES: dict[str, HotHandler] = {
+    "/predict": lambda body, headers, core, max_images: predict_json(body, core, max_images),
+    f"/v1/models/{tfserving.MODEL_NAME}:predict": lambda body, headers, core, max_images: predict_tf_rest(body, core, max_images),
+    V2_INFER: lambda body, headers, core, max_images: infer_v2(
+        body, core, max_images, header_length=_latin1(headers.get(open_inference.HEADER_LENGTH.encode()))
+    ),
 }
-ANY_CONTENT_TYPE = frozenset({f"/v1/models/{tfserving.MODEL_NAME}:predict"})  # as TF Serving: the header is ignored
+# TF Serving ignores the header; V2's binary extension sends application/octet-stream
+ANY_CONTENT_TYPE = frozenset({f"/v1/models/{tfserving.MODEL_NAME}:predict", V2_INFER})
 _JSON_HEADER = (b"content-type", b"application/json")
 
 
 class HotRoutes:
-    """Raw ASGI for ``POST /predict`` and ``POST /v1/models/mnist:predict``, in front of the routers.
+    """Raw ASGI for ``POST /predict``, ``/v1/models/mnist:predict`` and ``/v2/models/mnist/infer``, in front of the routers.
 
     These are the routes called thousands of times a second. Starlette's router, FastAPI's request
     handling and their exception middlewares cost about a fifth of a worker's time per request
-    (py-spy, README "Performance"), so these two skip them and answer here, through the same
+    (py-spy, README "Performance"), so these skip them and answer here, through the same
     handlers as the FastAPI routes above (which still document them and serve every other path).
     BentoML's own middlewares (metrics, concurrency limit, timeout) still run before this one.
     """
@@ -356,22 +433,27 @@ class HotRoutes:
                 )
             else:
                 _check_json_body(content_type, body)
-            content, prediction = await handler(body, core, settings.max_images_per_request)
-            status, payload = 200, orjson.dumps(content)
+            content, prediction = await handler(body, headers, core, settings.max_images_per_request)
+            status, content_type = 200, _JSON_HEADER
             extra = [(b"x-model-version", prediction.model.version.encode())]
+            if isinstance(content, Encoded):
+                payload, content_type = content.payload, (b"content-type", content.media_type.encode())
+                extra += [(name.encode(), value.encode()) for name, value in content.headers]
+            else:
+                payload = orjson.dumps(content)
         except ClientDisconnect:
             return
         except ServiceError as error:
             client_errors.warning("%s [POST] answered %d: %s", scope["path"], error.http_status, error)
-            status, payload, extra = error.http_status, error_body(str(error)), []
+            status, payload, extra, content_type = error.http_status, error_body(str(error)), [], _JSON_HEADER
         except Exception:
             logger.exception("%s [POST] failed", scope["path"])
-            status, payload, extra = 500, error_body("internal error; see the service log"), []
+            status, payload, extra, content_type = 500, error_body("internal error; see the service log"), [], _JSON_HEADER
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [_JSON_HEADER, (b"content-length", str(len(payload)).encode()), *extra],
+                "headers": [content_type, (b"content-length", str(len(payload)).encode()), *extra],
             }
         )
         await send({"type": "http.response.body", "body": payload})

@@ -12,6 +12,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import orjson
 from PIL import Image, ImageOps
 
 from contract import IMAGE_SHAPE
@@ -23,6 +24,14 @@ WORK_SIDE = 512  # pictures are shrunk to this before preprocessing: the digit e
 
 class ImageTooLarge(PayloadTooLarge):
     """An image whose header declares more pixels than MAX_IMAGE_PIXELS; refused before decoding."""
+
+
+def parsed_json(body: bytes) -> Any:
+    """A request body parsed as JSON, or an InputError saying where it is malformed."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"malformed JSON: {exc}") from None
 
 
 def pixels_from_json(value: Any, max_images: int, what: str = "input") -> np.ndarray:

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
 from contract import IMAGE_SHAPE, SIGNATURE
 from contract import SERVABLE_NAME as MODEL_NAME
 from service.errors import InputError, NotFound, SignatureNotFound
-from service.inputs import checked_pixels, pixels_from_json
+from service.inputs import checked_pixels, parsed_json, pixels_from_json
 from service.runtime import ModelInfo, Prediction
 
 INPUT_NAME = SIGNATURE.input
@@ -72,10 +71,7 @@ def version_for_label(label: str, serving: ModelInfo) -> str:
 
 def parse_rest_predict(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
     """A REST predict body -> (uint8 pixels ``[N, 28, 28]``, whether the request was columnar)."""
-    try:
-        request = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InputError(f"malformed JSON: {exc}") from None
+    request = parsed_json(body)
     if not isinstance(request, dict):
         raise InputError('request body must be a JSON object with "instances" or "inputs"')
     signature = request.get("signature_name", SIGNATURE.name)
