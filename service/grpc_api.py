@@ -14,8 +14,10 @@ and ``MultiInference`` answer INVALID_ARGUMENT, as TF Serving does for a model w
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,6 +41,7 @@ from tensorflow_serving.apis import (
 from service import open_inference, tfserving
 from service.core import ServingCore
 from service.errors import ClientErrorLog, ServiceError
+from service.metrics import GrpcMethodMetrics
 from service.protos import open_inference_pb2 as v2
 
 logger = logging.getLogger("digits.grpc")
@@ -78,17 +81,29 @@ def _tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _checked(method: str, handler: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable:
+def _checked(
+    method: str, handler: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], observe: GrpcMethodMetrics
+) -> Callable:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, Undecodable):
-            message = f"the request is not a valid {request.message_type} protobuf ({request.reason})"
-            client_errors.warning("gRPC %s answered INVALID_ARGUMENT: %s", method, message)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        started, code = time.perf_counter(), grpc.StatusCode.OK
         try:
-            answer = handler(request, context)  # the base servicer's unimplemented methods are plain functions
-            return await answer if inspect.isawaitable(answer) else answer
-        except NotImplementedError:  # Classify, Regress, MultiInference: answered as TF Serving does, no crash logged
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(tfserving.wrong_method(method)))
+            if isinstance(request, Undecodable):
+                message = f"the request is not a valid {request.message_type} protobuf ({request.reason})"
+                client_errors.warning("gRPC %s answered INVALID_ARGUMENT: %s", method, message)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            try:
+                answer = handler(request, context)  # the base servicer's unimplemented methods are plain functions
+                return await answer if inspect.isawaitable(answer) else answer
+            except NotImplementedError:  # Classify, Regress, MultiInference: answered as TF Serving does, no crash logged
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(tfserving.wrong_method(method)))
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except BaseException as exc:
+            code = grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            observe(code, time.perf_counter() - started)
 
     return call
 
@@ -98,10 +113,11 @@ def service_handler(service: ServiceDescriptor, servicer: Any) -> grpc.GenericRp
     them, but with requests that do not parse answered INVALID_ARGUMENT."""
     handlers = {}
     for method in service.methods:
+        observe = GrpcMethodMetrics(service.full_name, method.name)
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _checked(method.name, getattr(servicer, method.name)),
+            _checked(method.name, getattr(servicer, method.name), observe),
             request_deserializer=_tolerant_deserializer(request_class),
             response_serializer=response_class.SerializeToString,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import bentoml
+import grpc
 
 if TYPE_CHECKING:
     from service.runtime import ModelInfo
@@ -63,3 +64,38 @@ class PrometheusBatchObserver:
         if histogram is None:  # label lookup once per route, not once per request
             histogram = self._wait_by_route[route] = queue_wait_seconds.labels(route=route)
         histogram.observe(seconds)
+
+
+grpc_handled = bentoml.metrics.Counter(
+    name="digits_grpc_server_handled",
+    documentation="gRPC calls answered, by service, method and status code (TF Serving's and V2's services)",
+    labelnames=["grpc_service", "grpc_method", "grpc_code"],
+)
+grpc_handling_seconds = bentoml.metrics.Histogram(
+    name="digits_grpc_server_handling_seconds",
+    documentation="Seconds from a gRPC call's request to its answer, by service and method",
+    labelnames=["grpc_service", "grpc_method"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
+
+
+class GrpcMethodMetrics:
+    """One gRPC method's counter and histogram, label children looked up once (labels are bounded:
+    services and methods from the protos, codes from ``grpc.StatusCode``)."""
+
+    def __init__(self, service: str, method: str) -> None:
+        self.service, self.method = service, method
+        self.seconds = grpc_handling_seconds.labels(grpc_service=service, grpc_method=method)
+        self._handled: dict[grpc.StatusCode, object] = {}
+        self._counter(grpc.StatusCode.OK)  # every method's series exists from the start, at 0
+
+    def _counter(self, code: grpc.StatusCode) -> object:
+        counter = self._handled.get(code)
+        if counter is None:
+            labels = {"grpc_service": self.service, "grpc_method": self.method, "grpc_code": code.name}
+            counter = self._handled[code] = grpc_handled.labels(**labels)
+        return counter
+
+    def __call__(self, code: grpc.StatusCode, seconds: float) -> None:
+        self._counter(code).inc()
+        self.seconds.observe(seconds)

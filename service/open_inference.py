@@ -13,6 +13,7 @@ receives: the HTTP and gRPC fronts do.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
@@ -79,6 +80,7 @@ def check_model(name: str) -> None:
 # -- metadata -----------------------------------------------------------------------------------------
 
 
+@functools.cache
 def server_metadata() -> dict[str, Any]:
     try:
         version = package_version("mnist-serving")

@@ -22,7 +22,7 @@ from tensorflow_serving.apis import (
 
 from service.launcher import start_service, stop_service
 from tests.helpers import assert_same_answers
-from tests.service.helpers import histogram, predict_request, saved_model_probabilities, served_version
+from tests.service.helpers import histogram, metric_samples, predict_request, saved_model_probabilities, served_version
 
 pytestmark = pytest.mark.slow
 
@@ -288,3 +288,33 @@ def test_version_labels_over_rest_and_grpc_name_the_served_version(service, chan
 def test_tf_rest_answers_what_tf_serving_answers_to_the_wrong_method_or_verb(service, sample, method, path, message):
     answer = requests.request(method, f"{service.url}{path}", json={"instances": sample["x_test"][:1].tolist()}, timeout=30)
     assert answer.status_code == 400 and message in answer.json()["error"]
+
+
+def _grpc_handled(service) -> dict[tuple[str, str, str], float]:
+    return {
+        (s.labels["grpc_service"], s.labels["grpc_method"], s.labels["grpc_code"]): s.value
+        for s in metric_samples(service)
+        if s.name == "digits_grpc_server_handled_total"
+    }
+
+
+def test_grpc_calls_are_counted_by_method_and_status_code_in_metrics(channel, service, sample):
+    """20 calls, 12 of them errors: each shows in /metrics under its service, method and status code,
+    and the latency histogram counts every one."""
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    before = _grpc_handled(service)
+    seconds_before = histogram(service, "digits_grpc_server_handling_seconds").get("count", 0.0)
+    for _ in range(8):
+        stub.Predict(predict_request(sample["x_test"][:1]), timeout=10)
+    for _ in range(7):
+        with pytest.raises(grpc.RpcError):
+            stub.Predict(predict_request(sample["x_test"][:1], name="resnet"), timeout=10)
+    for _ in range(5):
+        with pytest.raises(grpc.RpcError):
+            stub.Predict(predict_request(np.full((1, 28, 28), 300, np.int32)), timeout=10)
+    after = _grpc_handled(service)
+    predict = ("tensorflow.serving.PredictionService", "Predict")
+    assert after.get((*predict, "OK"), 0) - before.get((*predict, "OK"), 0) == 8
+    assert after.get((*predict, "NOT_FOUND"), 0) - before.get((*predict, "NOT_FOUND"), 0) == 7
+    assert after.get((*predict, "INVALID_ARGUMENT"), 0) - before.get((*predict, "INVALID_ARGUMENT"), 0) == 5
+    assert histogram(service, "digits_grpc_server_handling_seconds")["count"] - seconds_before >= 20
