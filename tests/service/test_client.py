@@ -16,6 +16,13 @@ from tests.service.helpers import saved_model_probabilities, served_version
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def example_npy(sample, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("client") / "digit.npy"
+    np.save(path, sample["x_test"][0])
+    return str(path)
+
+
 def client(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "service.client", *args], capture_output=True, text=True, timeout=120)
 
@@ -28,7 +35,8 @@ def test_predict_over_http_and_grpc_gives_the_savedmodels_digit(service, trained
     Image.fromarray(images[0]).save(tmp_path / "digit.png")
     expected = saved_model_probabilities(trained_registry, served_version(service), images).argmax(1).tolist()
 
-    for where in (["--http", service.url], ["--grpc", service.grpc_target]):
+    http, grpc = ["--http", service.url], ["--grpc", service.grpc_target]
+    for where in (http, grpc, [*http, "--protocol", "tfserving"], [*http, "--protocol", "v2"], [*grpc, "--protocol", "v2"]):
         done = client("predict", *map(str, paths), *where)
         assert done.returncode == 0 and done.stderr == "", done.stderr
         answers = [json.loads(line) for line in done.stdout.splitlines()]
@@ -61,3 +69,19 @@ def test_an_unreachable_service_is_one_error_line_without_tensorflows_start_up_n
     done = client("metadata", where, address if where == "--grpc" else f"http://{address}")
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+
+
+def test_versions_are_pinned_and_metadata_read_in_each_protocol(service, example_npy):
+    version = served_version(service)
+    http, grpc = ["--http", service.url], ["--grpc", service.grpc_target]
+    for where in ([*http, "--protocol", "v2"], [*grpc, "--protocol", "v2"], [*http, "--protocol", "tfserving"], grpc):
+        pinned = client("predict", example_npy, *where, "--version", version)
+        assert pinned.returncode == 0 and json.loads(pinned.stdout)["model_version"] == version, (where, pinned.stderr)
+        other = client("predict", example_npy, *where, "--version", str(int(version) + 100))
+        assert other.returncode == 1 and "is not served" in other.stderr, (where, other.stderr)
+        metadata = client("metadata", *where)
+        assert metadata.returncode == 0 and "pixels" in metadata.stdout, (where, metadata.stderr)
+    refused = client("predict", example_npy, *http, "--version", version)
+    assert refused.returncode == 1 and "--protocol tfserving or v2" in refused.stderr
+    v2_status = client("status", *grpc, "--protocol", "v2")
+    assert v2_status.returncode == 0 and json.loads(v2_status.stdout) == {"name": "mnist", "ready": True}
