@@ -30,6 +30,7 @@ from service.framework_patches import BENTOML_STATIC
 
 PROBES = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # never queued behind predictions
 BENTOML_ROUTES = {"/": {"GET"}, "/docs.json": {"GET"}, **{path: {"GET"} for path in PROBES}}
+V2_PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})  # the Open Inference Protocol's (KServe's probes)
 METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 DRAW_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -120,7 +121,7 @@ class Edge:
             return await _answer(
                 send_with_headers, 405, f"{method} is not allowed on {path}; use {allow}", [(b"allow", allow.encode())]
             )
-        if path in PROBES:
+        if path in PROBES or path in V2_PROBES:
             return await self.app(scope, receive, send_with_headers)
         if method in METHODS_WITH_BODY:
             held = [0]

@@ -34,11 +34,25 @@ def find(kind: str, name: str) -> dict:
     return next(r for r in all_resources() if r["kind"] == kind and r["metadata"]["name"] == name)
 
 
+# KServe's PredictorSpec: these fields (ComponentExtensionSpec, from the KServe API reference) beside an
+# inline core/v1 PodSpec; what is left after removing them must validate as a PodSpec.
+KSERVE_COMPONENT_FIELDS = frozenset(
+    {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "containerConcurrency", "timeout", "canaryTrafficPercent"}
+    | {"logger", "batcher", "labels", "annotations", "deploymentStrategy", "model", "workerSpec"}
+)
+
+
+def kserve_pod_spec(inference_service: dict) -> dict:
+    return {k: v for k, v in inference_service["spec"]["predictor"].items() if k not in KSERVE_COMPONENT_FIELDS}
+
+
 def pod_specs() -> list[dict]:
     specs = []
     for resource in all_resources():
         spec = resource.get("spec", {})
-        if resource["kind"] == "CronJob":
+        if resource["kind"] == "InferenceService":
+            specs.append(kserve_pod_spec(resource))
+        elif resource["kind"] == "CronJob":
             specs.append(spec["jobTemplate"]["spec"]["template"]["spec"])
         elif "template" in spec:
             specs.append(spec["template"]["spec"])
@@ -48,7 +62,27 @@ def pod_specs() -> list[dict]:
 @pytest.mark.parametrize("path", manifest_files(), ids=lambda path: str(path.relative_to(K8S)))
 def test_every_manifest_validates_strictly_against_the_kubernetes_schemas(path):
     for resource in resources(path):
+        if resource["kind"] == "InferenceService":  # a KServe custom resource: its pod part, below
+            continue
         kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_kserve_inference_service_is_a_v2_custom_predictor_whose_pod_validates():
+    service = find("InferenceService", "digits")
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert set(service) == {"apiVersion", "kind", "metadata", "spec"} and set(service["spec"]) == {"predictor"}
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "digits-predictor"}, "spec": kserve_pod_spec(service)}
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+    (container,) = pod["spec"]["containers"]
+    assert container["name"] == "kserve-container"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    config = find("ConfigMap", "mnist-config")["data"]
+    assert ports == {"http1": 3000, "grpc": int(config["GRPC_PORT"])}
+    deployment = find("Deployment", "digits")["spec"]["template"]["spec"]
+    assert container["envFrom"] == deployment["containers"][0]["envFrom"]  # the same settings as the Deployment's pods
 
 
 def test_the_validator_rejects_a_broken_manifest():

@@ -80,20 +80,21 @@ def run_edge(
     method: str = "POST",
     app_wait: asyncio.Event | None = None,
     concurrent: int = 1,
+    held_path: str = "/predict",
 ) -> list[dict]:
     """Send one request (``concurrent`` at once, the others held inside the app) through an Edge; returns
     the first request's response messages, and whether the app ever saw a body."""
 
     async def app(scope: dict, receive, send) -> None:
         body = (await receive())["body"]
-        if app_wait is not None:
+        if app_wait is not None and scope["method"] == "POST":  # predictions hold their slots; probes do not wait
             await app_wait.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"app saw " + body})
 
     edge = Edge(app, limits, lambda: RouteTable(http.app.routes))
 
-    async def one(feed: list[dict]) -> list[dict]:
+    async def one(feed: list[dict], path: str = path, method: str = method) -> list[dict]:
         pending, sent = list(feed), []
 
         async def receive() -> dict:
@@ -111,7 +112,9 @@ def run_edge(
         return sent
 
     async def main() -> list[dict]:
-        held = [asyncio.create_task(one([{"type": "http.request", "body": b"x"}])) for _ in range(concurrent - 1)]
+        held = [
+            asyncio.create_task(one([{"type": "http.request", "body": b"x"}], held_path, "POST")) for _ in range(concurrent - 1)
+        ]
         await asyncio.sleep(0.05)
         answer = await one(messages)
         if app_wait is not None:
@@ -168,6 +171,13 @@ def test_requests_over_the_concurrency_limit_get_429_with_retry_after():
     sent = run_edge(LIMITS, [{"type": "http.request", "body": b"x"}], app_wait=asyncio.Event(), concurrent=3)
     status, body = status_and_json(sent)
     assert status == 429 and "at most 2" in body["error"] and (b"retry-after", b"1") in sent[0]["headers"]
+
+
+@pytest.mark.parametrize("probe", ["/livez", "/readyz", "/v2/health/live", "/v2/health/ready"])
+def test_health_probes_answer_while_every_slot_is_taken(probe):
+    """Kubernetes' and KServe's probes must not fail because predictions fill the concurrency limit."""
+    sent = run_edge(LIMITS, [{"type": "http.request", "body": b""}], probe, "GET", app_wait=asyncio.Event(), concurrent=3)
+    assert sent[0]["status"] == 200
 
 
 @pytest.mark.parametrize(("budget", "status"), [(150, 503), (200, 200)])
