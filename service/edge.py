@@ -29,7 +29,7 @@ from service.errors import error_body
 from service.framework_patches import BENTOML_STATIC
 
 PROBES = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # never queued behind predictions
-BENTOML_ROUTES = {"/": {"GET"}, "/docs.json": {"GET"}, **{path: {"GET"} for path in PROBES}}
+BENTOML_ROUTES = {"/": {"GET"}, "/docs.json": {"GET"}, "/schema.json": {"GET"}, **{path: {"GET"} for path in PROBES}}
 V2_PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})  # the Open Inference Protocol's (KServe's probes)
 METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 DRAW_CSP = (

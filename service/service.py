@@ -20,15 +20,13 @@ import quiet
 
 quiet.import_tensorflow()  # before anything else imports it: without its start-up noise
 from service import compute, edge, framework_patches, http  # noqa: E402
+from service.bentoml_api import RequestLimits, predict_api  # noqa: E402
 from service.core import ServingCore  # noqa: E402
 from service.errors import ClientErrorLog, ThrottledMessage  # noqa: E402
 from service.grpc_api import GrpcFront  # noqa: E402
 from service.metrics import PrometheusBatchObserver, model_switched  # noqa: E402
 from service.runtime import ModelLoadError, ModelRuntime  # noqa: E402
 from service.settings import SETTINGS  # noqa: E402
-
-if SETTINGS.batcher == "bentoml":
-    from service.bentoml_batching import RequestLimits, predict_api
 
 logger = logging.getLogger("digits")
 # Whose X-Forwarded-For uvicorn believes (it sets each request's client address, which the admin
@@ -99,6 +97,8 @@ class Digits:
 
     if SETTINGS.batcher == "bentoml":  # /predict through BentoML's adaptive batcher instead (for comparison)
         predict = predict_api(SETTINGS.max_images_per_request, SETTINGS.batch_max_size, SETTINGS.batch_max_latency_ms)
+    else:  # the typed declaration BentoML's clients and /schema.json read; HotRoutes answers the route
+        predict = predict_api(SETTINGS.max_images_per_request)
 
 
 framework_patches.install(SETTINGS.client_header_timeout_s, SETTINGS.workers)

@@ -1,7 +1,12 @@
-"""``/predict`` through BentoML's own adaptive batcher (``BATCHER=bentoml``), kept to compare with the
-runtime batcher that serves every route by default (see README, "Choosing the batcher").
+"""``predict`` as a typed BentoML API: what ``/schema.json``, the OpenAPI page and BentoML's own clients
+(``bentoml.SyncHTTPClient``/``AsyncHTTPClient``) see, and, with ``BATCHER=bentoml``, ``/predict`` through
+BentoML's adaptive batcher, kept to compare with the runtime batcher (see README, "Choosing the batcher").
 
-Everything here works around BentoML 1.4 for that one route, and is only loaded in that mode:
+By default the declaration only describes ``POST /predict``: :class:`service.http.HotRoutes` answers the
+route before BentoML's router (the body is the API's root input, so a BentoML client's request is the
+same JSON), and the method itself, if ever reached, goes through the serving core like every route.
+
+With ``BATCHER=bentoml``, everything below works around BentoML 1.4 for that one route:
 - its root-input models rebuild a pydantic TypeAdapter and JSON schema on every request (py-spy: over
   half the worker's CPU), so the input and output models below declare JSON and use orjson;
 - it parses the body itself, so :class:`RequestLimits` checks size, content type and JSON syntax first
@@ -29,8 +34,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-def predict_api(max_images: int, max_batch_size: int, max_latency_ms: int) -> Any:
-    """The ``predict`` method of the service class, as a batchable BentoML API on ``/predict``."""
+def predict_api(max_images: int, max_batch_size: int | None = None, max_latency_ms: int | None = None) -> Any:
+    """The ``predict`` method of the service class, as a BentoML API on ``/predict``: through BentoML's
+    adaptive batcher when ``max_batch_size`` is given, else through the serving core."""
     pixel_batch = Annotated[
         Any,
         PlainValidator(lambda value: pixels_from_json(value, max_images, "request body")),
@@ -47,10 +53,15 @@ def predict_api(max_images: int, max_batch_size: int, max_latency_ms: int) -> An
         """The shape of ``predict`` without ``self``, for BentoML to build its input and output models from."""
         raise NotImplementedError
 
-    def predict(self: Any, images: pixel_batch, /) -> list[dict[str, Any]]:  # type: ignore[valid-type]
+    def batched_predict(self: Any, images: pixel_batch, /) -> list[dict[str, Any]]:  # type: ignore[valid-type]
         """Digits for one image or a list of images (BentoML's adaptive batching)."""
         batch_images.observe(len(images))
         return answers(self.core.runtime.predict(images))
+
+    async def predict(self: Any, images: pixel_batch, /) -> list[dict[str, Any]]:  # type: ignore[valid-type]
+        """Digits for one image (28 rows of 28 integers 0-255) or a list of images: per image the digit,
+        its 10 probabilities and the model version."""
+        return answers(await self.core.predict(images, "http_json"))
 
     class PredictInput(bentoml.IODescriptor.from_input(signature)):  # type: ignore[misc]
         media_type = "application/json"
@@ -66,13 +77,16 @@ def predict_api(max_images: int, max_batch_size: int, max_latency_ms: int) -> An
             return orjson.dumps(self.root).decode()
 
     logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsWithoutTracebacks())
+    if max_batch_size is None:
+        return bentoml.api(input_spec=PredictInput, output_spec=PredictOutput, name="predict")(predict)
+    batched_predict.__name__ = "predict"
     return bentoml.api(
         input_spec=PredictInput,
         output_spec=PredictOutput,
         batchable=True,
         max_batch_size=max_batch_size,
         max_latency_ms=max_latency_ms,
-    )(predict)
+    )(batched_predict)
 
 
 class ClientErrorsWithoutTracebacks(logging.Filter):
