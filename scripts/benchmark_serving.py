@@ -1,14 +1,16 @@
-"""Serving benchmark: HTTP JSON, TF Serving REST and gRPC, closed and open loop (a script, not a test).
+"""Serving benchmark: HTTP JSON, TF Serving and V2 REST and gRPC, closed and open loop (a script, not a test).
 
     python scripts/benchmark_serving.py --model-uri exports/mnist [--duration 15] [--designs runtime,bentoml]
-                                        [--workers 1,2] [--repeats 3] [--open-loop 1000,2000] [--mlflow URI]
+                                        [--workers 1,2] [--repeats 3] [--protocol-repeats 1]
+                                        [--open-loop 1000,2000] [--mlflow URI]
 
 Starts ``bentoml serve service:Digits`` on free loopback ports for each design (``BATCHER``) and worker
 count, with Prometheus metrics and readiness on as always, and drives it with C load generators that
 share the machine and whose own CPU is reported:
-- closed loop: ``wrk`` (Debian ``wrk``), 64 connections of single-image requests on ``/predict`` and
-  ``/v1/models/mnist:predict``; ``h2load`` (Debian ``nghttp2-client``) with 64 gRPC connections on
-  ``PredictionService/Predict``. gRPC answers are checked for ``grpc-status: 0`` separately (h2load
+- closed loop: ``wrk`` (Debian ``wrk``), 64 connections of single-image requests on ``/predict``,
+  ``/v1/models/mnist:predict`` and ``/v2/models/mnist/infer``; ``h2load`` (Debian ``nghttp2-client``) with
+  64 gRPC connections on ``PredictionService/Predict`` and ``GRPCInferenceService/ModelInfer``. gRPC
+  answers are checked for ``grpc-status: 0`` separately (h2load
   counts HTTP status only), by a stock stub before and after the load;
 - open loop: ``h2load --rps`` with connections started one ``1/rate`` apart, so arrivals are evenly
   spaced, not bursts; latency from its per-request log;
@@ -201,10 +203,24 @@ def grpc_frame(pixels: np.ndarray) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-def grpc_answers_right(target: str, images: np.ndarray, labels: np.ndarray) -> bool:
-    from service.client import GrpcClient
+def v2_grpc_frame(pixels: np.ndarray) -> bytes:
+    from service.protos import open_inference_pb2 as v2
 
-    with GrpcClient(target) as client:
+    request = v2.ModelInferRequest(model_name=SERVABLE_NAME, raw_input_contents=[pixels.tobytes()])
+    request.inputs.add(name=SIGNATURE.input, datatype="UINT8", shape=pixels.shape)
+    message = request.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def v2_rest_body(pixels: np.ndarray) -> str:
+    tensor = {"name": SIGNATURE.input, "datatype": "UINT8", "shape": list(pixels.shape), "data": pixels.ravel().tolist()}
+    return json.dumps({"inputs": [tensor]}, separators=(",", ":"))
+
+
+def grpc_answers_right(target: str, images: np.ndarray, labels: np.ndarray, protocol: str = "tfserving") -> bool:
+    from service.client import GrpcClient, V2GrpcClient
+
+    with (V2GrpcClient if protocol == "v2" else GrpcClient)(target) as client:
         digits = [a.digit for a in client.predict(images)]
     return float(np.mean(np.array(digits) == labels)) >= 0.8
 
@@ -268,41 +284,26 @@ def bench_service(
             rows.append(
                 show({"server": label, "route": "/predict", "load": f"8 conns x {args.bulk} images", "repeat": 1, **bulk})
             )
-        rows.append(
-            show(
-                {
-                    "server": label,
-                    "route": "TF REST :predict",
-                    "load": "64 conns",
-                    "repeat": 1,
-                    **wrk(f"{service.url}/v1/models/mnist:predict", bodies["tf"], args.duration, workdir, server=service.process),
-                }
-            )
-        )
         target = f"127.0.0.1:{grpc_port}"
-        right_before = grpc_answers_right(target, *sample)
         grpc_headers = ["content-type: application/grpc", "te: trailers"]
-        grpc = h2load(
-            f"http://{target}/tensorflow.serving.PredictionService/Predict",
-            bodies["grpc"],
-            headers=grpc_headers,
-            h1=False,
-            workdir=workdir,
-            duration=args.duration,
-        )
-        right_after = grpc_answers_right(target, *sample)
-        rows.append(
-            show(
-                {
-                    "server": label,
-                    "route": "gRPC Predict",
-                    "load": "64 conns",
-                    "repeat": 1,
-                    **grpc,
-                    "checked_right": right_before and right_after,
-                }
-            )
-        )
+        for repeat in range(args.protocol_repeats):  # the other protocols' single-image routes, interleaved
+            for route, url, body in (
+                ("TF REST :predict", f"{service.url}/v1/models/mnist:predict", bodies["tf"]),
+                ("V2 REST infer", f"{service.url}/v2/models/mnist/infer", bodies["v2"]),
+            ):
+                result = wrk(url, body, args.duration, workdir, server=service.process)
+                rows.append(show({"server": label, "route": route, "load": "64 conns", "repeat": repeat + 1, **result}))
+            for route, method, body, protocol in (
+                ("gRPC Predict", "tensorflow.serving.PredictionService/Predict", bodies["grpc"], "tfserving"),
+                ("V2 gRPC ModelInfer", "inference.GRPCInferenceService/ModelInfer", bodies["v2_grpc"], "v2"),
+            ):
+                right_before = grpc_answers_right(target, *sample, protocol=protocol)
+                result = h2load(
+                    f"http://{target}/{method}", body, headers=grpc_headers, h1=False, workdir=workdir, duration=args.duration
+                )
+                right = right_before and grpc_answers_right(target, *sample, protocol=protocol)
+                row = {"server": label, "route": route, "load": "64 conns", "repeat": repeat + 1, **result}
+                rows.append(show({**row, "checked_right": right}))
         if design == "runtime":
             for rate in args.open_loop:
                 rows.append(
@@ -428,6 +429,9 @@ def main() -> None:
         "--reference", metavar="SAVEDMODEL", help="also run scripts/reference_server.py on this SavedModel directory"
     )
     parser.add_argument("--bulk", type=int, default=0, metavar="N", help="also 8 connections of N-image /predict requests")
+    parser.add_argument(
+        "--protocol-repeats", type=int, default=1, help="runs of each other protocol (TF REST, V2 REST, TF gRPC, V2 gRPC)"
+    )
     args = parser.parse_args()
     args.open_loop = [int(r) for r in args.open_loop.split(",") if r]
 
@@ -445,6 +449,10 @@ def main() -> None:
         bodies["json"].write_text(json.dumps(images[0].tolist(), separators=(",", ":")))
         bodies["tf"].write_text(json.dumps({"instances": [images[0].tolist()]}, separators=(",", ":")))
         bodies["grpc"].write_bytes(grpc_frame(images[:1]))
+        bodies["v2"] = workdir / "v2.json"
+        bodies["v2"].write_text(v2_rest_body(images[:1]))
+        bodies["v2_grpc"] = workdir / "v2.grpc"
+        bodies["v2_grpc"].write_bytes(v2_grpc_frame(images[:1]))
         bodies["mlflow"].write_text(json.dumps({"inputs": images[:1, ..., None].astype(float).tolist()}))
         bodies["bulk"] = workdir / "bulk.json"
         bodies["bulk"].write_text(
