@@ -29,6 +29,8 @@ class BatchObserver(Protocol):
 
     def queued(self, route: str, seconds: float) -> None: ...
 
+    def predicted(self, prediction: Prediction) -> None: ...
+
 
 @dataclass(eq=False)
 class _Waiting:
@@ -94,6 +96,7 @@ class Batcher:
                     continue
                 if self._observer:
                     self._observer.model_call(len(pixels), len({w.route for w in batch}), time.perf_counter() - started)
+                    self._observer.predicted(prediction)
                 start = 0
                 for waiting in batch:
                     stop = start + len(waiting.pixels)

@@ -6,9 +6,12 @@ from typing import TYPE_CHECKING
 
 import bentoml
 import grpc
+import numpy as np
+
+from contract import NUM_CLASSES
 
 if TYPE_CHECKING:
-    from service.runtime import ModelInfo
+    from service.runtime import ModelInfo, Prediction
 
 batch_images = bentoml.metrics.Histogram(
     name="digits_model_batch_images",
@@ -33,6 +36,24 @@ queue_wait_seconds = bentoml.metrics.Histogram(
 )
 
 
+predictions = bentoml.metrics.Counter(
+    name="digits_predictions",
+    documentation="Images answered, by model version and predicted digit (class shares, against the training prior)",
+    labelnames=["version", "digit"],
+)
+confidence_sum = bentoml.metrics.Counter(
+    name="digits_prediction_confidence_sum",
+    documentation="Sum of the top probability of every answer, by model version: / digits_predictions is the mean confidence",
+    labelnames=["version"],
+)
+low_confidence = bentoml.metrics.Counter(
+    name="digits_low_confidence_predictions",
+    documentation="Answers whose top probability was under 0.5, by model version",
+    labelnames=["version"],
+)
+LOW_CONFIDENCE = 0.5
+
+
 model_info = bentoml.metrics.Gauge(
     name="digits_model_info",
     documentation="1 for the registered model version this server answers with (per worker process), 0 for one it left",
@@ -53,11 +74,32 @@ class PrometheusBatchObserver:
 
     def __init__(self) -> None:
         self._wait_by_route: dict = {}
+        self._by_version: dict = {}
 
     def model_call(self, images: int, routes: int, seconds: float) -> None:
         batch_images.observe(images)
         batch_routes.observe(routes)
         model_call_seconds.observe(seconds)
+
+    def predicted(self, prediction: Prediction) -> None:
+        """Class shares and confidence, per model call (a few counter increments, not one per image)."""
+        version = prediction.model.version
+        children = self._by_version.get(version)
+        if children is None:
+            children = self._by_version[version] = (
+                [predictions.labels(version=version, digit=str(digit)) for digit in range(NUM_CLASSES)],
+                confidence_sum.labels(version=version),
+                low_confidence.labels(version=version),
+            )
+        per_digit, confidence, low = children
+        for digit, count in enumerate(np.bincount(prediction.digits, minlength=NUM_CLASSES).tolist()):
+            if count:
+                per_digit[digit].inc(count)
+        top = prediction.probabilities.max(axis=1)
+        confidence.inc(float(top.sum()))
+        unsure = int((top < LOW_CONFIDENCE).sum())
+        if unsure:
+            low.inc(unsure)
 
     def queued(self, route: str, seconds: float) -> None:
         histogram = self._wait_by_route.get(route)

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import requests
 import tensorflow as tf
+import yaml
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from contract import CHAMPION, REGISTERED_MODEL
@@ -175,17 +176,16 @@ def test_no_request_fails_while_a_replica_restarts(cluster, sample, tmp_path):
     assert predictions_counted(replicas[0]) > 0, "the restarted replica took no requests"
 
 
-def test_every_metric_the_dashboard_plots_is_one_a_replica_exposes(cluster):
+def test_every_metric_the_dashboard_plots_and_the_alerts_watch_is_one_a_replica_exposes(cluster):
     _, _, replicas, _ = cluster
     dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "dashboards" / "digits.json").read_text())
-    queried = {
-        name
-        for panel in dashboard["panels"]
-        for target in panel["targets"]
-        for name in re.findall(r"\b((?:bentoml|digits)_\w+)", target["expr"])
-    }
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    alerts = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    expressions += [rule["expr"] for group in alerts["groups"] for rule in group["rules"]]
+    queried = {name for expr in expressions for name in re.findall(r"\b((?:bentoml|digits)_\w+)", expr)}
     exposed = {sample.name for sample in metric_samples(replicas[1])}
-    assert queried and queried <= exposed, queried - exposed
+    assert {"digits_predictions_total", "digits_prediction_confidence_sum_total"} <= queried
+    assert queried <= exposed, queried - exposed
 
 
 def _reload_from(balancer, source: str, token: str, forwarded_for: str | None = None) -> int:

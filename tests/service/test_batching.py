@@ -39,12 +39,16 @@ class Observer:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
         self.waits: list[str] = []
+        self.predicted_images = 0
 
     def model_call(self, images: int, routes: int, seconds: float) -> None:
         self.calls.append((images, routes))
 
     def queued(self, route: str, seconds: float) -> None:
         self.waits.append(route)
+
+    def predicted(self, prediction: Prediction) -> None:
+        self.predicted_images += len(prediction.digits)
 
 
 def images(value: int, count: int = 1) -> np.ndarray:
@@ -71,6 +75,7 @@ def test_concurrent_requests_share_model_calls_and_each_gets_its_own_rows():
     assert len(model.calls) < 30 and sum(model.calls) == sum(1 + i % 3 for i in range(30))
     assert max(routes for _, routes in observer.calls) > 1
     assert sorted(observer.waits) == sorted(["http_json", "tf_rest", "grpc"] * 10)
+    assert observer.predicted_images == sum(model.calls)  # every answered image seen once by the monitoring
     batcher.close()
 
 

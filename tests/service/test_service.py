@@ -20,7 +20,14 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from service.launcher import start_service, stop_service
 from tests.helpers import assert_same_answers, last_json_line, run_pipeline, seed_training
-from tests.service.helpers import ADMIN_TOKEN, batch_histogram, predict_request, saved_model_probabilities, served_version
+from tests.service.helpers import (
+    ADMIN_TOKEN,
+    batch_histogram,
+    metric_samples,
+    predict_request,
+    saved_model_probabilities,
+    served_version,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +99,32 @@ def test_tensorflow_serving_rest_formats(service, trained_registry, sample):
 
     missing = requests.post(f"{v1}/versions/999:predict", json={"instances": images.tolist()}, timeout=10)
     assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_metrics_count_answers_per_digit_and_their_confidence(service, trained_registry, sample):
+    """What the drift alerts (deploy/prometheus/alerts.yml) read: per version, answers by digit and the
+    sum of top probabilities."""
+    version = served_version(service)
+
+    def counted() -> tuple[dict[str, float], float]:
+        samples = metric_samples(service)
+        per_digit = {
+            s.labels["digit"]: s.value for s in samples if s.name == "digits_predictions_total" and s.labels["version"] == version
+        }
+        confidence = sum(
+            s.value for s in samples if s.name == "digits_prediction_confidence_sum_total" and s.labels["version"] == version
+        )
+        return per_digit, confidence
+
+    images = sample["x_test"][:40]
+    expected = saved_model_probabilities(trained_registry, version, images)
+    before, confidence_before = counted()
+    assert requests.post(f"{service.url}/predict", json=images.tolist(), timeout=30).status_code == 200
+    after, confidence_after = counted()
+    added = {digit: after.get(digit, 0) - before.get(digit, 0) for digit in after}
+    wanted = np.bincount(expected.argmax(1), minlength=10)
+    assert {d: n for d, n in added.items() if n} == {str(d): n for d, n in enumerate(wanted.tolist()) if n}
+    assert confidence_after - confidence_before == pytest.approx(expected.max(1).sum(), rel=1e-3)
 
 
 def test_image_upload_is_preprocessed_like_mnist_and_answered_like_its_pixels(service, sample):
