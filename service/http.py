@@ -37,7 +37,7 @@ from service.errors import (
     response_for,
 )
 from service.inputs import parsed_json, pixels_from_image_bytes, pixels_from_json
-from service.runtime import ModelLoadError, Prediction, RegistryUnavailable
+from service.runtime import ModelLoadError, Prediction, RegistryUnavailable, parse_registry_uri
 
 logger = logging.getLogger("digits.http")
 client_errors = ClientErrorLog(logger)
@@ -300,6 +300,29 @@ def reload(request: Request) -> Response:
             "changed": old is None or old.version != new.version,
         }
     )
+
+
+@app.post("/admin/registry-events")
+async def registry_event(request: Request) -> Response:
+    """MLflow registry webhooks (``model_version_alias.created``/``.deleted``, signed with WEBHOOK_SECRET):
+    when the alias this service follows moves, reload now in this worker and tell the others. 404 when
+    WEBHOOK_SECRET is unset; 401 unsigned or wrongly signed, 400 stale or malformed, 409 a replayed delivery."""
+    webhooks = getattr(request.app.state, "webhooks", None)
+    if webhooks is None:
+        return error_response(404, "registry webhooks are off (set WEBHOOK_SECRET to enable them)")
+    verifier, siblings = webhooks
+    body = await _body(request)
+    event = verifier.verify(body, {name.lower(): value for name, value in request.headers.items()})
+    runtime = _core(request).runtime
+    name, alias, _ = parse_registry_uri(runtime.model_uri) if runtime.model_uri.startswith("models:/") else ("", None, None)
+    if alias is None or not event.moves(name, alias):
+        return _json({"reloaded": False, "reason": f"not about {runtime.model_uri}", "event": f"{event.entity}.{event.action}"})
+    siblings.notify()
+    try:
+        old, new = await asyncio.to_thread(runtime.reload)
+    except (RegistryUnavailable, ModelLoadError) as exc:
+        return _json({"reloaded": False, "reason": f"still serving the previous model: {exc}"})
+    return _json({"reloaded": True, "previous_version": old.version if old else None, "version": new.version})
 
 
 # TensorFlow Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest)

@@ -27,6 +27,7 @@ from service.grpc_api import GrpcFront  # noqa: E402
 from service.metrics import PrometheusBatchObserver, model_switched  # noqa: E402
 from service.runtime import ModelLoadError, ModelRuntime  # noqa: E402
 from service.settings import SETTINGS  # noqa: E402
+from service.webhooks import SiblingReloads, WebhookVerifier  # noqa: E402
 
 logger = logging.getLogger("digits")
 # Whose X-Forwarded-For uvicorn believes (it sets each request's client address, which the admin
@@ -57,6 +58,10 @@ class Digits:
         self.core = ServingCore(runtime, observer=PrometheusBatchObserver(), **SETTINGS.batcher_limits())
         http.app.state.core, http.app.state.settings, http.app.state.threads = self.core, SETTINGS, THREADS
         http.app.state.image_decodes = asyncio.Semaphore(SETTINGS.image_decode_concurrency)
+        if SETTINGS.webhook_secret:  # registry events reload at once, in every worker of this replica
+            siblings = SiblingReloads()
+            siblings.watch(runtime.reload)
+            http.app.state.webhooks = (WebhookVerifier(SETTINGS.webhook_secret), siblings)
         self.grpc = (
             GrpcFront(self.core, SETTINGS.grpc_port, SETTINGS.max_images_per_request, SETTINGS.grpc_max_message_bytes)
             if SETTINGS.grpc_port

@@ -78,6 +78,7 @@ class Settings:
     client_body_timeout_s: float
     registry_timeout_s: float
     model_precision: str = "fp32"
+    webhook_secret: str | None = None
     trusted_proxies: str = ""
 
     def __post_init__(self) -> None:
@@ -135,6 +136,7 @@ class Settings:
             tracking_uri=contract.tracking_uri(),
             reload_poll_seconds=_float("MODEL_POLL_SECONDS", 30.0),
             admin_token=os.environ.get("ADMIN_TOKEN") or None,
+            webhook_secret=os.environ.get("WEBHOOK_SECRET") or None,
             max_images_per_request=max_images,
             max_body_bytes=_int("MAX_BODY_BYTES", 16 * 1024 * 1024),
             max_body_bytes_in_flight=_int("MAX_BODY_BYTES_IN_FLIGHT", 4 * _int("MAX_BODY_BYTES", 16 * 1024 * 1024)),
