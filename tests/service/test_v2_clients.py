@@ -1,7 +1,9 @@
-"""The Open Inference Protocol (V2) on the real service, through Triton's stock clients (HTTP and gRPC) and raw HTTP.
+"""The Open Inference Protocol (V2) on the real service, through Triton's and KServe's stock clients (HTTP
+and gRPC) and raw HTTP.
 
-tritonclient runs in its own environment (``tests/service/clients/requirements.txt``: its protobuf
-bound excludes the service's), so each check is one run of ``clients/triton_v2.py`` against the service.
+The clients run in their own environment (``tests/service/clients/requirements.txt``: tritonclient's
+protobuf bound excludes the service's), so each check is one run of a script in ``clients/`` against
+the service.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tests.helpers import REPO_ROOT, assert_same_answers
 from tests.service.helpers import saved_model_probabilities, served_version
 
 pytestmark = pytest.mark.slow
-CLIENT_SCRIPT = Path(__file__).parent / "clients" / "triton_v2.py"
+CLIENTS = Path(__file__).parent / "clients"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,14 @@ def triton_answers(service, sample, clients_python, tmp_path_factory) -> dict:
     np.save(images_path, sample["x_test"][:16])
     http_target = service.url.removeprefix("http://")
     run = subprocess.run(
-        [clients_python, str(CLIENT_SCRIPT), http_target, service.grpc_target, str(images_path), served_version(service)],
+        [
+            clients_python,
+            str(CLIENTS / "triton_v2.py"),
+            http_target,
+            service.grpc_target,
+            str(images_path),
+            served_version(service),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -88,6 +97,22 @@ def test_triton_clients_get_clear_errors(triton_answers, transport, codes):
     assert "unknown model 'resnet'" in errors["unknown_model"]["message"]
     assert "version 999 is not served" in errors["unserved_version"]["message"]
     assert "[1, 28, 27]" in errors["wrong_shape"]["message"]
+
+
+def test_kserve_clients_get_the_savedmodels_digits(service, trained_registry, sample, clients_python, tmp_path):
+    images = sample["x_test"][:8]
+    np.save(tmp_path / "images.npy", images)
+    run = subprocess.run(
+        [clients_python, str(CLIENTS / "kserve_v2.py"), service.url, service.grpc_target, str(tmp_path / "images.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout)
+    expected = saved_model_probabilities(trained_registry, served_version(service), images).argmax(1).tolist()
+    for transport in ("rest", "grpc"):
+        assert seen[transport] == {"live": True, "ready": True, "model_ready": True, "digits": expected}, transport
 
 
 def test_v2_rest_by_hand_health_metadata_and_errors(service, sample):
