@@ -15,10 +15,11 @@ and ``MultiInference`` answer INVALID_ARGUMENT, as TF Serving does for a model w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,6 +44,7 @@ from service.core import ServingCore
 from service.errors import ClientErrorLog, ServiceError
 from service.metrics import GrpcMethodMetrics
 from service.protos import open_inference_pb2 as v2
+from service.rollout import CANARY_KEY
 
 logger = logging.getLogger("digits.grpc")
 client_errors = ClientErrorLog(logger)
@@ -61,6 +63,18 @@ async def _answer(context: grpc.aio.ServicerContext, method: str, work: Callable
             client_errors.warning("gRPC %s answered %s: %s", method, error.grpc_code.name, error)
         await context.abort(error.grpc_code, str(error))
         raise  # abort raises; this line is never reached
+
+
+@contextlib.contextmanager
+def _canary_key(context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """The ``x-canary-key`` metadata, for a sticky canary choice (:mod:`service.rollout`)."""
+    key = next((value for name, value in context.invocation_metadata() or () if name == "x-canary-key"), None)
+    token = CANARY_KEY.set(key if isinstance(key, str) else None) if key else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            CANARY_KEY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -136,7 +150,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             version = tfserving.requested_version(request.model_spec, self.core.model().info)
             self.core.model(version)
             pixels = tfserving.pixels_from_predict_request(request, self.max_images)
-            prediction = await self.core.predict(pixels, "grpc", version)
+            with _canary_key(context):
+                prediction = await self.core.predict(pixels, "grpc", version)
             return tfserving.predict_response(prediction, request)
 
         return await _answer(context, "Predict", work)
@@ -208,7 +223,8 @@ class InferenceService:
             version = request.model_version or None
             self.core.model(version)
             parsed = open_inference.parse_grpc_infer(request, self.max_images)
-            prediction = await self.core.predict(parsed.pixels, "v2_grpc", version)
+            with _canary_key(context):
+                prediction = await self.core.predict(parsed.pixels, "v2_grpc", version)
             return open_inference.grpc_infer_response(prediction, parsed)
 
         return await _answer(context, "ModelInfer", work)

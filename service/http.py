@@ -37,7 +37,9 @@ from service.errors import (
     response_for,
 )
 from service.inputs import parsed_json, pixels_from_image_bytes, pixels_from_json
+from service.rollout import CANARY_KEY, Rollout
 from service.runtime import ModelLoadError, Prediction, RegistryUnavailable, parse_registry_uri
+from service.webhooks import RegistryEvent
 
 logger = logging.getLogger("digits.http")
 client_errors = ClientErrorLog(logger)
@@ -231,14 +233,24 @@ def draw_js() -> Response:
 def model(request: Request) -> Response:
     """Name, version, alias, MLflow run id, test accuracy and load time of the model being served, and
     how this worker runs it (precision, why, TensorFlow's threads)."""
-    runtime, (intra, inter) = _core(request).runtime, request.app.state.threads
+    core = _core(request)
+    runtime, (intra, inter) = core.runtime, request.app.state.threads
     compute = {
         "requested_precision": runtime.precision,
         "precision_reason": runtime.precision_reason,
         "intra_op_threads": intra,
         "inter_op_threads": inter,
     }
-    return _json({**_core(request).model().info.as_dict(), "compute": compute})
+    answer = {**core.model().info.as_dict(), "compute": compute}
+    if isinstance(core, Rollout):
+        challenger = core.challenger.runtime if core.challenger else None
+        answer["challenger"] = {
+            "mode": core.mode,
+            "canary_percent": core.canary_percent if core.mode == "canary" else None,
+            "model_uri": challenger.model_uri if challenger else None,
+            **(challenger.current.info.as_dict() if challenger and challenger.ready else {"version": None}),
+        }
+    return _json(answer)
 
 
 class FailedAttempts:
@@ -313,16 +325,29 @@ async def registry_event(request: Request) -> Response:
     verifier, siblings = webhooks
     body = await _body(request)
     event = verifier.verify(body, {name.lower(): value for name, value in request.headers.items()})
-    runtime = _core(request).runtime
-    name, alias, _ = parse_registry_uri(runtime.model_uri) if runtime.model_uri.startswith("models:/") else ("", None, None)
-    if alias is None or not event.moves(name, alias):
-        return _json({"reloaded": False, "reason": f"not about {runtime.model_uri}", "event": f"{event.entity}.{event.action}"})
+    core = _core(request)
+    runtimes = [core.runtime] + ([core.challenger.runtime] if isinstance(core, Rollout) and core.challenger else [])
+    moved = [runtime for runtime in runtimes if _follows(runtime.model_uri, event)]
+    if not moved:
+        followed = ", ".join(runtime.model_uri for runtime in runtimes)
+        return _json({"reloaded": False, "reason": f"not about {followed}", "event": f"{event.entity}.{event.action}"})
     siblings.notify()
-    try:
-        old, new = await asyncio.to_thread(runtime.reload)
-    except (RegistryUnavailable, ModelLoadError) as exc:
-        return _json({"reloaded": False, "reason": f"still serving the previous model: {exc}"})
-    return _json({"reloaded": True, "previous_version": old.version if old else None, "version": new.version})
+    answers = []
+    for runtime in moved:
+        try:
+            old, new = await asyncio.to_thread(runtime.reload)
+            previous = old.version if old else None
+            answers.append({"model_uri": runtime.model_uri, "previous_version": previous, "version": new.version})
+        except (RegistryUnavailable, ModelLoadError) as exc:
+            answers.append({"model_uri": runtime.model_uri, "error": f"still serving the previous model: {exc}"})
+    return _json({"reloaded": all("version" in answer for answer in answers), "models": answers})
+
+
+def _follows(model_uri: str, event: RegistryEvent) -> bool:
+    if not model_uri.startswith("models:/"):
+        return False
+    name, alias, _ = parse_registry_uri(model_uri)
+    return alias is not None and event.moves(name, alias)
 
 
 # TensorFlow Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest)
@@ -456,7 +481,13 @@ class HotRoutes:
                 )
             else:
                 _check_json_body(content_type, body)
-            content, prediction = await handler(body, headers, core, settings.max_images_per_request)
+            canary_key = headers.get(b"x-canary-key")
+            token = CANARY_KEY.set(canary_key.decode("latin-1")) if canary_key else None
+            try:
+                content, prediction = await handler(body, headers, core, settings.max_images_per_request)
+            finally:
+                if token is not None:
+                    CANARY_KEY.reset(token)
             status, content_type = 200, _JSON_HEADER
             extra = [(b"x-model-version", prediction.model.version.encode())]
             if isinstance(content, Encoded):

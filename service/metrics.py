@@ -141,3 +141,84 @@ class GrpcMethodMetrics:
     def __call__(self, code: grpc.StatusCode, seconds: float) -> None:
         self._counter(code).inc()
         self.seconds.observe(seconds)
+
+
+# -- champion and challenger (CHALLENGER_MODE, service.rollout) ----------------------------------------
+
+challenger_info = bentoml.metrics.Gauge(
+    name="digits_challenger_info",
+    documentation="1 for the challenger version this process runs beside the champion (shadow or canary), 0 for one it left",
+    labelnames=["name", "version", "mode"],
+    multiprocess_mode="liveall",
+)
+challenger_call_seconds = bentoml.metrics.Histogram(
+    name="digits_challenger_model_call_seconds",
+    documentation="Seconds per model call of the challenger (its own batch queue, beside the champion's)",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+)
+shadow_compared = bentoml.metrics.Counter(
+    name="digits_shadow_comparisons",
+    documentation="Images answered by the champion and shadowed by the challenger, by both digits",
+    labelnames=["champion_digit", "challenger_digit"],
+)
+shadow_agreed = bentoml.metrics.Counter(
+    name="digits_shadow_agreements", documentation="Shadowed images on which champion and challenger gave the same digit"
+)
+shadow_dropped = bentoml.metrics.Counter(
+    name="digits_shadow_dropped",
+    documentation="Images not shadowed: the challenger's queue was full (SHADOW_MAX_QUEUE_IMAGES) or it failed",
+)
+
+
+class ChallengerObserver:
+    """The challenger's batcher: its call latency; its answers counted per version only when it answers
+    clients (canary), not for shadow copies."""
+
+    def __init__(self, counts_answers: bool) -> None:
+        self._answers = PrometheusBatchObserver() if counts_answers else None
+        self._seconds = challenger_call_seconds
+
+    def model_call(self, images: int, routes: int, seconds: float) -> None:
+        self._seconds.observe(seconds)
+
+    def queued(self, route: str, seconds: float) -> None:
+        pass
+
+    def predicted(self, prediction: Prediction) -> None:
+        if self._answers is not None:
+            self._answers.predicted(prediction)
+
+
+class ShadowMetrics:
+    """:class:`service.rollout.ShadowObserver` into Prometheus: agreement, disagreements by digit pair, drops."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple[int, int], object] = {}
+        shadow_agreed.inc(0)  # both series from the start, at 0: a dashboard reads "none dropped", not "no data"
+        shadow_dropped.inc(0)
+
+    def compared(self, champion_digits: np.ndarray, challenger_digits: np.ndarray) -> None:
+        pairs = np.bincount(champion_digits * NUM_CLASSES + challenger_digits, minlength=NUM_CLASSES * NUM_CLASSES)
+        for pair in np.flatnonzero(pairs).tolist():
+            key = divmod(pair, NUM_CLASSES)
+            counter = self._pairs.get(key)
+            if counter is None:
+                counter = self._pairs[key] = shadow_compared.labels(champion_digit=str(key[0]), challenger_digit=str(key[1]))
+            counter.inc(int(pairs[pair]))
+        agreed = int((champion_digits == challenger_digits).sum())
+        if agreed:
+            shadow_agreed.inc(agreed)
+
+    def dropped(self, images: int) -> None:
+        shadow_dropped.inc(images)
+
+
+def challenger_switched(mode: str):
+    """``ModelRuntime``'s ``on_switch`` for the challenger."""
+
+    def switched(old: ModelInfo | None, new: ModelInfo) -> None:
+        if old is not None:
+            challenger_info.labels(name=old.name, version=old.version, mode=mode).set(0)
+        challenger_info.labels(name=new.name, version=new.version, mode=mode).set(1)
+
+    return switched

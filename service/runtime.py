@@ -114,10 +114,14 @@ class ModelRuntime:
     def start(self) -> ModelInfo:
         """Load the model now (raises :class:`ModelLoadError`) and start polling for new versions."""
         self.reload()
-        if self.poll_seconds > 0:
+        self.start_polling()
+        return self.current.info
+
+    def start_polling(self) -> None:
+        """Poll for new versions (every ``poll_seconds``; never when it is 0), whether or not one is loaded."""
+        if self.poll_seconds > 0 and self._poller is None:
             self._poller = threading.Thread(target=self._poll, name="model-poller", daemon=True)
             self._poller.start()
-        return self.current.info
 
     def check(self) -> str:
         """Resolve ``MODEL_URI`` without loading it (raises :class:`ModelLoadError`); returns what it names."""

@@ -24,7 +24,14 @@ from service.bentoml_api import RequestLimits, predict_api  # noqa: E402
 from service.core import ServingCore  # noqa: E402
 from service.errors import ClientErrorLog, ThrottledMessage  # noqa: E402
 from service.grpc_api import GrpcFront  # noqa: E402
-from service.metrics import PrometheusBatchObserver, model_switched  # noqa: E402
+from service.metrics import (  # noqa: E402
+    ChallengerObserver,
+    PrometheusBatchObserver,
+    ShadowMetrics,
+    challenger_switched,
+    model_switched,
+)
+from service.rollout import Rollout  # noqa: E402
 from service.runtime import ModelLoadError, ModelRuntime  # noqa: E402
 from service.settings import SETTINGS  # noqa: E402
 from service.webhooks import SiblingReloads, WebhookVerifier  # noqa: E402
@@ -55,12 +62,24 @@ class Digits:
             logger.critical("cannot start: no model to serve: %s", exc)
             raise SystemExit(3) from None
         logger.info("serving %s version %s (%s)", info.name, info.version, info.source)
-        self.core = ServingCore(runtime, observer=PrometheusBatchObserver(), **SETTINGS.batcher_limits())
+        champion = ServingCore(runtime, observer=PrometheusBatchObserver(), **SETTINGS.batcher_limits())
+        self.challenger = self._challenger() if SETTINGS.challenger_mode != "off" else None
+        if self.challenger is None:
+            self.core: ServingCore | Rollout = champion
+        else:
+            self.core = Rollout(
+                champion,
+                self.challenger,
+                SETTINGS.challenger_mode,
+                SETTINGS.canary_percent,
+                SETTINGS.shadow_max_queue_images,
+                observer=ShadowMetrics(),
+            )
         http.app.state.core, http.app.state.settings, http.app.state.threads = self.core, SETTINGS, THREADS
         http.app.state.image_decodes = asyncio.Semaphore(SETTINGS.image_decode_concurrency)
         if SETTINGS.webhook_secret:  # registry events reload at once, in every worker of this replica
             siblings = SiblingReloads()
-            siblings.watch(runtime.reload)
+            siblings.watch(self._reload_all)
             http.app.state.webhooks = (WebhookVerifier(SETTINGS.webhook_secret), siblings)
         self.grpc = (
             GrpcFront(self.core, SETTINGS.grpc_port, SETTINGS.max_images_per_request, SETTINGS.grpc_max_message_bytes)
@@ -72,6 +91,37 @@ class Digits:
         # collector to what requests allocate.
         gc.collect()
         gc.freeze()
+
+    def _reload_all(self) -> None:
+        """Another worker received a registry event: take whatever each alias names now."""
+        for core in (self.core, self.challenger):
+            if core is None:
+                continue
+            try:
+                core.runtime.reload()
+            except Exception as exc:  # keep serving what is loaded; polling is the fallback
+                logger.warning("reload after a registry event failed for %s: %s", core.runtime.model_uri, exc)
+
+    @staticmethod
+    def _challenger() -> ServingCore:
+        """The challenger beside the champion: its own runtime (following CHALLENGER_URI) and batch queue.
+        No challenger yet is no error: the champion answers alone until the alias appears."""
+        runtime = ModelRuntime(
+            SETTINGS.challenger_uri,
+            SETTINGS.tracking_uri,
+            SETTINGS.reload_poll_seconds,
+            SETTINGS.registry_timeout_s,
+            on_switch=challenger_switched(SETTINGS.challenger_mode),
+            precision=SETTINGS.model_precision,
+        )
+        try:
+            info = runtime.start()
+            logger.info("%s challenger: %s version %s", SETTINGS.challenger_mode, info.name, info.version)
+        except ModelLoadError as exc:
+            logger.warning("no challenger to run beside the champion yet (%s); polling for one", exc)
+            runtime.start_polling()
+        observer = ChallengerObserver(counts_answers=SETTINGS.challenger_mode == "canary")
+        return ServingCore(runtime, observer=observer, **SETTINGS.batcher_limits())
 
     @bentoml.on_deployment
     def check_model_source() -> None:
@@ -99,6 +149,8 @@ class Digits:
             await self.grpc.stop()
         self.core.close()
         self.core.runtime.stop()
+        if self.challenger is not None:
+            self.challenger.runtime.stop()
 
     if SETTINGS.batcher == "bentoml":  # /predict through BentoML's adaptive batcher instead (for comparison)
         predict = predict_api(SETTINGS.max_images_per_request, SETTINGS.batch_max_size, SETTINGS.batch_max_latency_ms)

@@ -50,6 +50,13 @@ def _workers() -> int:
     return _int("SERVICE_WORKERS", 1)
 
 
+def _challenger_uri(model_uri: str) -> str | None:
+    """``models:/<name>@challenger`` beside a ``models:/<name>@<alias>`` MODEL_URI; None otherwise."""
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        return contract.registry_uri(model_uri.removeprefix("models:/").split("@")[0], contract.CHALLENGER)
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
     model_uri: str
@@ -80,6 +87,10 @@ class Settings:
     model_precision: str = "fp32"
     webhook_secret: str | None = None
     trusted_proxies: str = ""
+    challenger_mode: str = "off"
+    challenger_uri: str | None = None
+    canary_percent: float = 10.0
+    shadow_max_queue_images: int = 256
 
     def __post_init__(self) -> None:
         if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:
@@ -103,6 +114,15 @@ class Settings:
         ):
             if value <= 0:
                 raise SystemExit(f"configuration error: {name}={value} must be positive")
+        if self.challenger_mode not in ("off", "shadow", "canary"):
+            raise SystemExit(f"configuration error: CHALLENGER_MODE={self.challenger_mode!r} is not off, shadow or canary")
+        if self.challenger_mode != "off" and not self.challenger_uri:
+            raise SystemExit(
+                "configuration error: CHALLENGER_MODE needs CHALLENGER_URI when MODEL_URI is not a registry alias "
+                f"({self.model_uri})"
+            )
+        if not 0 <= self.canary_percent <= 100:
+            raise SystemExit(f"configuration error: CANARY_PERCENT={self.canary_percent} is not a percentage (0-100)")
         if not 0 <= self.grpc_port <= 65535:
             raise SystemExit(f"configuration error: GRPC_PORT={self.grpc_port} is not a port number (0 turns gRPC off)")
 
@@ -131,8 +151,9 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         max_images = _int("MAX_IMAGES_PER_REQUEST", 1024)
+        model_uri = os.environ.get("MODEL_URI") or contract.registry_uri()
         return cls(
-            model_uri=os.environ.get("MODEL_URI") or contract.registry_uri(),
+            model_uri=model_uri,
             tracking_uri=contract.tracking_uri(),
             reload_poll_seconds=_float("MODEL_POLL_SECONDS", 30.0),
             admin_token=os.environ.get("ADMIN_TOKEN") or None,
@@ -160,6 +181,10 @@ class Settings:
             registry_timeout_s=_float("REGISTRY_TIMEOUT_S", 10.0),
             model_precision=(os.environ.get("MODEL_PRECISION") or "fp32").strip().lower(),
             trusted_proxies=os.environ.get("TRUSTED_PROXIES", "").strip(),
+            challenger_mode=(os.environ.get("CHALLENGER_MODE") or "off").strip().lower(),
+            challenger_uri=os.environ.get("CHALLENGER_URI") or _challenger_uri(model_uri),
+            canary_percent=_float("CANARY_PERCENT", 10.0),
+            shadow_max_queue_images=_int("SHADOW_MAX_QUEUE_IMAGES", 256),
         )
 
 
