@@ -69,3 +69,9 @@ def tracking_uri() -> str:
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` store URI, None for any other store."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+# -- user feedback (the drawing page's corrections): service/feedback.py writes, pipeline/feedback.py reads --
+
+FEEDBACK_FILES = "feedback-*.jsonl"  # JSON lines under FEEDBACK_DIR, one file per service worker and day
+FEEDBACK_FIELDS = ("time", "model_version", "predicted", "label", "pixels")  # pixels: base64 of 784 uint8, row-major

@@ -77,7 +77,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set epochs=3 --set training.batch_size=256",
     )
+    train.add_argument(
+        "--feedback",
+        type=Path,
+        metavar="REVIEWED.npz",
+        help="add reviewed user feedback (from `feedback export`) to the training split only",
+    )
     train.set_defaults(handler=_train)
+
+    feedback = sub.add_parser(
+        "feedback",
+        help="users' corrections from the service (FEEDBACK_DIR): stats, or export them for review and training",
+    )
+    feedback.add_argument("action", choices=["stats", "export"])
+    feedback.add_argument("directory", type=Path, help="the service's FEEDBACK_DIR")
+    feedback.add_argument("--out", type=Path, default=Path("feedback-reviewed.npz"), help="export: the .npz to write")
+    feedback.set_defaults(handler=_feedback)
 
     evaluate = sub.add_parser(
         "evaluate",
@@ -179,6 +194,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _feedback(args: argparse.Namespace) -> int:
+    from pipeline import feedback
+
+    records = feedback.read_records(args.directory)
+    if args.action == "stats":
+        print(json.dumps(feedback.stats(records), indent=2))
+        return 0
+    count = feedback.export(records, args.out)
+    print(f"exported {count} feedback examples to {args.out}: review them, then `python -m pipeline train --feedback {args.out}`")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipeline import distributed
     from pipeline.config import load_config
@@ -193,7 +220,11 @@ def _train(args: argparse.Namespace) -> int:
         trained = run_worker(cfg, spec)
         print(json.dumps({"task": cluster.task, "role": "worker", "epochs_run": trained.epochs_run}))
         return 0
-    result = run_training(cfg, spec, stop=stop)
+    if args.feedback is not None:
+        from pipeline.feedback import load_reviewed
+
+        load_reviewed(args.feedback)  # a wrong path fails here, before any MLflow run starts
+    result = run_training(cfg, spec, stop=stop, feedback=args.feedback)
     print(f"run id: {result.run_id}")
     print(f"model version: {result.model_version}")
     print(f"gate: {'promoted' if result.promoted else 'not promoted'} ({result.decision.reason})")

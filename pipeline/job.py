@@ -8,6 +8,8 @@ begun, it completes or rolls back as a whole. What a killed process leaves, the 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -20,10 +22,12 @@ from pathlib import Path
 import keras
 import matplotlib.pyplot as plt
 import mlflow
+import numpy as np
 
 from contract import CHALLENGER, CHAMPION, TEST_ACCURACY_TAG, registry_uri
 from pipeline import data as data_module
 from pipeline import distributed, evaluate, export, recover, register, tracking
+from pipeline import feedback as feedback_module
 from pipeline.config import PipelineConfig
 from pipeline.gate import GateDecision, GateOutcome, gate_and_promote
 from pipeline.model import model_input
@@ -49,7 +53,11 @@ class JobResult:
 
 
 def run_training(
-    cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Callable[[str], None] = print, stop: StopSignals | None = None
+    cfg: PipelineConfig,
+    data_spec: data_module.DataSpec,
+    say: Callable[[str], None] = print,
+    stop: StopSignals | None = None,
+    feedback: Path | None = None,
 ) -> JobResult:
     """The whole job in one MLflow run. ``stop`` (installed by the CLI) keeps signals out of the commit."""
     stop = stop or StopSignals()
@@ -74,6 +82,8 @@ def run_training(
             say(f"data: {data_spec.describe()} train={len(data.x_train)} test={len(data.x_test)} digest={data.digest}")
             _log_dataset(data)
             splits = data.split(cfg.data.validation_split, cfg.seed, cfg.data.train_limit)
+            if feedback is not None:
+                splits = _with_feedback(splits, feedback, say)
 
             step = _step(say, "train")
             say(plan(cfg, len(splits.x_train)))
@@ -327,6 +337,20 @@ def _describe_failure(step: str, exc: BaseException) -> None:
         )
     except Exception:  # the store itself may be what failed; the run is still marked FAILED
         pass
+
+
+def _with_feedback(splits: data_module.Splits, path: Path, say: Callable[[str], None]) -> data_module.Splits:
+    """Reviewed user feedback joins the training split only (never validation or test), logged as its
+    own MLflow dataset with its counts."""
+    x, y = feedback_module.load_reviewed(path)
+    say(f"feedback: {len(x)} reviewed examples from {path} join the training split ({len(splits.x_train)} before)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16]
+        dataset = mlflow.data.from_numpy(x, targets=y, source=str(Path(path).resolve()), name=f"feedback-{digest}")
+    mlflow.log_input(dataset, context="training-feedback")
+    mlflow.log_params({"feedback.examples": len(x), "feedback.path": Path(path).name})
+    return dataclasses.replace(splits, x_train=np.concatenate([splits.x_train, x]), y_train=np.concatenate([splits.y_train, y]))
 
 
 def _log_dataset(data: data_module.MnistData) -> None:

@@ -36,7 +36,9 @@ from service.errors import (
     error_response,
     response_for,
 )
+from service.feedback import parse_feedback
 from service.inputs import parsed_json, pixels_from_image_bytes, pixels_from_json
+from service.metrics import feedback_received
 from service.rollout import CANARY_KEY, Rollout
 from service.runtime import ModelLoadError, Prediction, RegistryUnavailable, parse_registry_uri
 from service.webhooks import RegistryEvent
@@ -209,6 +211,21 @@ async def predict_image(request: Request) -> Response:
         pixels = await asyncio.to_thread(pixels_from_image_bytes, data, settings.max_image_pixels)
     prediction = await _core(request).predict(pixels[None], "http_image")
     return _json({**answers(prediction)[0], "pixels": pixels.tolist()}, prediction)
+
+
+@app.post("/feedback", status_code=201)
+async def feedback(request: Request) -> Response:
+    """A user's verdict on an answer: ``{"pixels": the 28x28 the model saw, "predicted": d, "label": d,
+    "model_version": v}``, stored for review and training (FEEDBACK=on; 404 when off). 429 past
+    FEEDBACK_PER_MINUTE per client, 507 when FEEDBACK_DIR holds FEEDBACK_MAX_BYTES."""
+    store = getattr(request.app.state, "feedback", None)
+    if store is None:
+        return error_response(404, "feedback is off on this server (FEEDBACK=on turns it on)")
+    pixels, predicted, label, version = parse_feedback(parsed_json(await _body(request)))
+    client = request.client.host if request.client else "unknown"
+    await asyncio.to_thread(store.add, client, pixels, predicted, label, version)
+    feedback_received(version, predicted == label)
+    return Response(orjson.dumps({"stored": True, "right": predicted == label}), status_code=201, media_type="application/json")
 
 
 @app.get("/draw", response_class=HTMLResponse)

@@ -222,3 +222,14 @@ def challenger_switched(mode: str):
         challenger_info.labels(name=new.name, version=new.version, mode=mode).set(1)
 
     return switched
+
+
+feedbacks = bentoml.metrics.Counter(
+    name="digits_feedback",
+    documentation="Users' verdicts on answers (the drawing page), by model version: right or wrong (online accuracy)",
+    labelnames=["version", "verdict"],
+)
+
+
+def feedback_received(version: str, right: bool) -> None:
+    feedbacks.labels(version=version, verdict="right" if right else "wrong").inc()

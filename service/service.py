@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import sys
+from pathlib import Path
 
 import bentoml
 
@@ -23,6 +24,7 @@ from service import compute, edge, framework_patches, http  # noqa: E402
 from service.bentoml_api import RequestLimits, predict_api  # noqa: E402
 from service.core import ServingCore  # noqa: E402
 from service.errors import ClientErrorLog, ThrottledMessage  # noqa: E402
+from service.feedback import FeedbackStore  # noqa: E402
 from service.grpc_api import GrpcFront  # noqa: E402
 from service.metrics import (  # noqa: E402
     ChallengerObserver,
@@ -77,6 +79,10 @@ class Digits:
             )
         http.app.state.core, http.app.state.settings, http.app.state.threads = self.core, SETTINGS, THREADS
         http.app.state.image_decodes = asyncio.Semaphore(SETTINGS.image_decode_concurrency)
+        if SETTINGS.feedback:  # the drawing page's corrections, kept for review and training
+            http.app.state.feedback = FeedbackStore(
+                Path(SETTINGS.feedback_dir), SETTINGS.feedback_max_bytes, SETTINGS.feedback_per_minute
+            )
         if SETTINGS.webhook_secret:  # registry events reload at once, in every worker of this replica
             siblings = SiblingReloads()
             siblings.watch(self._reload_all)

@@ -91,6 +91,10 @@ class Settings:
     challenger_uri: str | None = None
     canary_percent: float = 10.0
     shadow_max_queue_images: int = 256
+    feedback: bool = False
+    feedback_dir: str = "feedback"
+    feedback_max_bytes: int = 256 * 1024 * 1024
+    feedback_per_minute: int = 30
 
     def __post_init__(self) -> None:
         if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:
@@ -185,6 +189,10 @@ class Settings:
             challenger_uri=os.environ.get("CHALLENGER_URI") or _challenger_uri(model_uri),
             canary_percent=_float("CANARY_PERCENT", 10.0),
             shadow_max_queue_images=_int("SHADOW_MAX_QUEUE_IMAGES", 256),
+            feedback=_bool("FEEDBACK", False),
+            feedback_dir=os.environ.get("FEEDBACK_DIR") or "feedback",
+            feedback_max_bytes=_int("FEEDBACK_MAX_BYTES", 256 * 1024 * 1024),
+            feedback_per_minute=_int("FEEDBACK_PER_MINUTE", 30),
         )
 
 

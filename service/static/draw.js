@@ -3,6 +3,7 @@ const pad = document.getElementById("pad");
 const ink = pad.getContext("2d");
 const result = document.getElementById("result");
 let drawing = false;
+let answered = null;  // the last answer, for the user's verdict on it
 
 function clearPad() {
   ink.fillStyle = "#fff";
@@ -13,6 +14,8 @@ function clearPad() {
   ink.strokeStyle = "#000";
   result.textContent = "";
   document.getElementById("probabilities").replaceChildren();
+  document.getElementById("feedback").hidden = true;
+  answered = null;
 }
 
 function point(event) {
@@ -49,6 +52,9 @@ async function predict() {
 }
 
 function show(body) {
+  answered = body;
+  document.getElementById("feedback").hidden = false;
+  document.getElementById("thanks").textContent = "";
   result.textContent = `Digit ${body.digit} (model version ${body.model_version})`;
   const bars = body.probabilities.map((p, digit) => {
     const row = document.createElement("div");
@@ -82,8 +88,38 @@ function drawExample() {
   return predict();
 }
 
+async function sendFeedback(label) {
+  if (answered === null) return;
+  const thanks = document.getElementById("thanks");
+  const body = { pixels: answered.pixels, predicted: answered.digit, label, model_version: answered.model_version };
+  try {
+    const answer = await fetch("feedback", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    const reply = await answer.json();
+    if (!answer.ok) throw new Error(reply.error || `HTTP ${answer.status}`);
+    thanks.textContent = `Thanks: noted as a ${label}.`;
+    answered = null;  // one verdict per answer
+  } catch (error) {
+    thanks.textContent = `Not sent: ${error.message}`;
+  }
+}
+
+const digitButtons = [...Array(10).keys()].map((digit) => {
+  const button = document.createElement("button");
+  button.textContent = digit;
+  button.className = "digit";
+  button.addEventListener("click", () => sendFeedback(digit));
+  return button;
+});
+document.getElementById("digits").replaceChildren(...digitButtons);
+document.getElementById("right").addEventListener("click", () => answered && sendFeedback(answered.digit));
+document.addEventListener("keydown", (event) => {
+  if (/^[0-9]$/.test(event.key) && answered !== null) sendFeedback(Number(event.key));
+});
+
 document.getElementById("predict").addEventListener("click", predict);
 document.getElementById("clear").addEventListener("click", clearPad);
 document.getElementById("example").addEventListener("click", drawExample);
 clearPad();
-if (location.hash === "#example") drawExample();
+// demo links: /draw#example draws and predicts a 7; /draw#example&label=7 also sends that verdict
+const demo = new URLSearchParams(location.hash.slice(1));
+if (demo.has("example")) drawExample().then(() => demo.has("label") && sendFeedback(Number(demo.get("label"))));
