@@ -260,6 +260,7 @@ def bench_service(
     }
     if args.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    env.update(dict(setting.split("=", 1) for setting in args.env))
     service = start_service(env, workdir / f"service-{design}-{workers}.log")
     rows = []
     try:
@@ -429,6 +430,9 @@ def main() -> None:
         "--reference", metavar="SAVEDMODEL", help="also run scripts/reference_server.py on this SavedModel directory"
     )
     parser.add_argument("--bulk", type=int, default=0, metavar="N", help="also 8 connections of N-image /predict requests")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="a service setting, e.g. CHALLENGER_MODE=shadow"
+    )
     parser.add_argument(
         "--protocol-repeats", type=int, default=1, help="runs of each other protocol (TF REST, V2 REST, TF gRPC, V2 gRPC)"
     )
