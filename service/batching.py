@@ -58,6 +58,7 @@ class Batcher:
         self._queue: deque[_Waiting] = deque()
         self._queued_images = 0
         self._drainer: asyncio.Task | None = None
+        self._idle_waiters: list[asyncio.Future] = []
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-call")
 
     async def predict(self, pixels: np.ndarray, route: str) -> Prediction:
@@ -74,6 +75,22 @@ class Batcher:
         if self._drainer is None:
             self._drainer = loop.create_task(self._drain())
         return await waiting.future
+
+    async def until_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or in a model call (True), or ``timeout_s`` passes (False): for
+        work that must only use this batcher's idle time (shadow copies to a challenger)."""
+        if self._drainer is None:
+            return True
+        idle = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(idle)
+        try:
+            await asyncio.wait_for(idle, timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if idle in self._idle_waiters:
+                self._idle_waiters.remove(idle)
 
     def close(self) -> None:
         self._model_thread.shutdown(wait=False, cancel_futures=True)
@@ -105,6 +122,10 @@ class Batcher:
                     start = stop
         finally:
             self._drainer = None
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for idle in waiters:
+                if not idle.done():
+                    idle.set_result(None)
 
     def _next_batch(self) -> list[_Waiting]:
         batch: list[_Waiting] = []

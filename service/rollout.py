@@ -2,8 +2,10 @@
 
 - ``off``: the champion answers everything (a :class:`Rollout` is then the champion's core, nothing more).
 - ``shadow``: the champion answers; a copy of the request goes to the challenger off the request path,
-  bounded (``SHADOW_MAX_QUEUE_IMAGES``: past it, copies are dropped and counted, never an answer), and
-  the two digits are compared.
+  in the champion's idle time only (a copy waits until the champion's batcher has nothing queued or
+  running, at most ``shadow_wait_s``), bounded (``SHADOW_MAX_QUEUE_IMAGES``: past it, or after the wait,
+  copies are dropped and counted, never an answer), and the two digits are compared. ``SHADOW_PERCENT``
+  copies only that share of requests: on shared cores the challenger's calls cost the champion CPU.
 - ``canary``: ``CANARY_PERCENT`` of requests are answered by the challenger; with an ``X-Canary-Key``
   header (or gRPC metadata ``x-canary-key``) the choice is sticky per key.
 
@@ -54,6 +56,8 @@ class Rollout:
         canary_percent: float = 10.0,
         shadow_max_images: int = 256,
         observer: ShadowObserver | None = None,
+        shadow_wait_s: float = 1.0,
+        shadow_percent: float = 100.0,
         rng: random.Random | None = None,
     ) -> None:
         if mode not in MODES:
@@ -62,6 +66,8 @@ class Rollout:
         self.mode = mode if challenger is not None else "off"
         self.canary_percent = canary_percent
         self.shadow_max_images = shadow_max_images
+        self.shadow_wait_s = shadow_wait_s
+        self.shadow_percent = shadow_percent
         self.observer = observer
         self.runtime = champion.runtime  # readiness, /model and /admin/reload are the champion's
         self._rng = rng or random.Random()
@@ -83,7 +89,7 @@ class Rollout:
         if self.mode == "canary" and self._challenger_ready() and self._to_challenger():
             return await self.challenger.predict(pixels, route)
         prediction = await self.champion.predict(pixels, route)
-        if self.mode == "shadow" and self._challenger_ready():
+        if self.mode == "shadow" and self._challenger_ready() and self._rng.random() * 100 < self.shadow_percent:
             self._shadow(pixels, prediction)
         return prediction
 
@@ -111,6 +117,11 @@ class Rollout:
 
     async def _compare(self, pixels: np.ndarray, champion: Prediction) -> None:
         try:
+            # only in the champion's idle time: under load the copies wait, then are dropped (counted)
+            if not await self.champion.batcher.until_idle(self.shadow_wait_s):
+                if self.observer:
+                    self.observer.dropped(len(pixels))
+                return
             shadow = await self.challenger.predict(pixels, "shadow")
             if self.observer:
                 self.observer.compared(champion.digits, shadow.digits)

@@ -76,6 +76,7 @@ class Digits:
                 SETTINGS.canary_percent,
                 SETTINGS.shadow_max_queue_images,
                 observer=ShadowMetrics(),
+                shadow_percent=SETTINGS.shadow_percent,
             )
         http.app.state.core, http.app.state.settings, http.app.state.threads = self.core, SETTINGS, THREADS
         http.app.state.image_decodes = asyncio.Semaphore(SETTINGS.image_decode_concurrency)

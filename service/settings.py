@@ -91,6 +91,7 @@ class Settings:
     challenger_uri: str | None = None
     canary_percent: float = 10.0
     shadow_max_queue_images: int = 256
+    shadow_percent: float = 100.0
     feedback: bool = False
     feedback_dir: str = "feedback"
     feedback_max_bytes: int = 256 * 1024 * 1024
@@ -125,8 +126,9 @@ class Settings:
                 "configuration error: CHALLENGER_MODE needs CHALLENGER_URI when MODEL_URI is not a registry alias "
                 f"({self.model_uri})"
             )
-        if not 0 <= self.canary_percent <= 100:
-            raise SystemExit(f"configuration error: CANARY_PERCENT={self.canary_percent} is not a percentage (0-100)")
+        for name, value in (("CANARY_PERCENT", self.canary_percent), ("SHADOW_PERCENT", self.shadow_percent)):
+            if not 0 <= value <= 100:
+                raise SystemExit(f"configuration error: {name}={value} is not a percentage (0-100)")
         if not 0 <= self.grpc_port <= 65535:
             raise SystemExit(f"configuration error: GRPC_PORT={self.grpc_port} is not a port number (0 turns gRPC off)")
 
@@ -189,6 +191,7 @@ class Settings:
             challenger_uri=os.environ.get("CHALLENGER_URI") or _challenger_uri(model_uri),
             canary_percent=_float("CANARY_PERCENT", 10.0),
             shadow_max_queue_images=_int("SHADOW_MAX_QUEUE_IMAGES", 256),
+            shadow_percent=_float("SHADOW_PERCENT", 100.0),
             feedback=_bool("FEEDBACK", False),
             feedback_dir=os.environ.get("FEEDBACK_DIR") or "feedback",
             feedback_max_bytes=_int("FEEDBACK_MAX_BYTES", 256 * 1024 * 1024),

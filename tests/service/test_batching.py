@@ -156,3 +156,27 @@ def test_a_client_that_goes_away_does_not_break_the_others(cancelled_first):
 
     assert run(main()).digits.tolist() == [4]
     batcher.close()
+
+
+def test_until_idle_waits_for_queued_and_running_calls():
+    """What shadow copies wait on: nothing queued and no model call running."""
+    gate = threading.Event()
+
+    def blocked(pixels: np.ndarray) -> Prediction:
+        gate.wait(10)
+        return Prediction(np.zeros((len(pixels), 10), np.float32), np.zeros(len(pixels), np.int64), INFO)
+
+    batcher = Batcher(blocked, max_batch_images=64, max_wait_s=5, max_queue_images=1000)
+
+    async def main() -> tuple[bool, bool, bool]:
+        idle_before = await batcher.until_idle(0.01)
+        call = asyncio.ensure_future(batcher.predict(images(1), "http_json"))
+        await asyncio.sleep(0.05)
+        busy = await batcher.until_idle(0.05)  # the call is still running: not idle
+        gate.set()
+        idle_after = await batcher.until_idle(5)
+        await call
+        return idle_before, busy, idle_after
+
+    assert run(main()) == (True, False, True)
+    batcher.close()

@@ -153,3 +153,17 @@ def test_without_a_loaded_challenger_the_champion_answers_everything():
 
     assert asyncio.run(main()) == {"1"}
     canary.close()
+
+
+def test_shadow_percent_copies_only_that_share_of_requests():
+    observed = Observed()
+    shadow = rollout("shadow", observer=observed, shadow_percent=20)
+
+    async def main() -> None:
+        for _ in range(500):
+            await shadow.predict(IMAGE, "http_json")
+        await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    assert 0.13 < len(observed.pairs) / 500 < 0.27  # 20 % +- 7 points is 3.9 sigma
+    shadow.close()
