@@ -117,7 +117,11 @@ def test_posted_feedback_is_stored_counted_and_limited(feedback_service, sample)
     np.testing.assert_array_equal(records[-1]["pixels"], image)
     verdicts = {s.labels["verdict"]: s.value for s in metric_samples(service) if s.name == "digits_feedback_total"}
     assert verdicts["right"] >= 1 and verdicts["wrong"] >= 1
+    stored = len(read_records(store))
     bad = requests.post(f"{service.url}/feedback", json={**body, "label": "seven"}, timeout=10)
     assert bad.status_code == 400 and "label must be a digit" in bad.json()["error"]
+    malformed = requests.post(f"{service.url}/feedback", data=b"{", headers={"Content-Type": "application/json"}, timeout=10)
+    assert malformed.status_code == 400 and "malformed JSON" in malformed.json()["error"]
+    assert len(read_records(store)) == stored  # nothing stored for a bad body
     statuses = [requests.post(f"{service.url}/feedback", json=body, timeout=10).status_code for _ in range(5)]
     assert statuses.count(429) >= 2  # 5 a minute per client: 2 (3 with the browser's) already used

@@ -24,6 +24,7 @@ class StandIn:
     version: str
     digit: int
     gate: threading.Event | None = None  # when given, every call waits for it
+    fail: bool = False
     ready: bool = True
     calls: list[int] = field(default_factory=list)
 
@@ -36,6 +37,8 @@ class StandIn:
         self.calls.append(len(pixels))
         if self.gate is not None:
             self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("challenger exploded")
         probabilities = np.zeros((len(pixels), 10), np.float32)
         probabilities[:, self.digit] = 1.0
         return Prediction(probabilities, np.full(len(pixels), self.digit), self.current.info)
@@ -166,4 +169,18 @@ def test_shadow_percent_copies_only_that_share_of_requests():
 
     asyncio.run(main())
     assert 0.13 < len(observed.pairs) / 500 < 0.27  # 20 % +- 7 points is 3.9 sigma
+    shadow.close()
+
+
+def test_a_failing_challenger_never_fails_an_answer():
+    observed = Observed()
+    shadow = rollout("shadow", challenger=StandIn("2", digit=2, fail=True), observer=observed)
+
+    async def main() -> list[str]:
+        answers = [(await shadow.predict(IMAGE, "http_json")).model.version for _ in range(5)]
+        await asyncio.sleep(0.2)
+        return answers
+
+    assert asyncio.run(main()) == ["1"] * 5
+    assert observed.pairs == [] and observed.dropped_images == 5  # its failures are counted as dropped copies
     shadow.close()

@@ -11,22 +11,26 @@ import requests
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from service.launcher import start_service, stop_service
-from tests.helpers import REPO_ROOT, client_for
-from tests.service.helpers import metric_samples, predict_request
+from tests.helpers import REPO_ROOT, client_for, run_pipeline, seed_training
+from tests.service.helpers import metric_samples, predict_request, saved_model_probabilities
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def two_versions(trained_registry, tmp_path_factory):
-    """The session's store copied, with version 2 (the same model) as the challenger beside champion 1."""
+    """The session's store copied, with a second, differently seeded model trained into it: registered as
+    the challenger (version 2), kept from champion by a gate it cannot pass."""
     registry = trained_registry.copy(tmp_path_factory.mktemp("rollout") / "store")
+    trained = run_pipeline(
+        seed_training(registry.workdir / "exports", "seed=7", "registry.accuracy_floor=0.999"), registry.env, registry.workdir
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
     client = client_for(registry.tracking_uri)
-    (first,) = client.search_model_versions("name='mnist-cnn'")
-    model_id = first.source.removeprefix("models:/")
-    second = client.create_model_version("mnist-cnn", first.source, run_id=first.run_id, model_id=model_id)
-    client.set_registered_model_alias("mnist-cnn", "challenger", second.version)
-    return registry, str(first.version), str(second.version)
+    champion = client.get_model_version_by_alias("mnist-cnn", "champion").version
+    challenger = client.get_model_version_by_alias("mnist-cnn", "challenger").version
+    assert (str(champion), str(challenger)) == ("1", "2")
+    return registry, "1", "2"
 
 
 def serve(registry, mode: str, tmp_path, **extra: str):
@@ -76,16 +80,16 @@ def test_canary_splits_answers_sticks_per_key_and_says_which_version_answered(tw
         stop_service(service)
 
 
-def test_shadow_answers_from_the_champion_and_counts_the_comparisons(two_versions, sample, tmp_path):
+def test_shadow_answers_from_the_champion_and_its_agreement_is_the_two_models(two_versions, sample, tmp_path):
     registry, champion, challenger = two_versions
     service = serve(registry, "shadow", tmp_path)
     try:
-        images = sample["x_test"][:5].tolist()
+        images = sample["x_test"][:100]
         with requests.Session() as session:
-            versions = {
-                session.post(f"{service.url}/predict", json=images, timeout=10).headers["x-model-version"] for _ in range(20)
-            }
-        assert versions == {champion}
+            # one request of 100 images: one champion call and one shadow call of exactly these 100
+            answer = session.post(f"{service.url}/predict", json=images.tolist(), timeout=30)
+            answers = [session.post(f"{service.url}/predict", json=images[:5].tolist(), timeout=10) for _ in range(10)]
+        assert {a.headers["x-model-version"] for a in [answer, *answers]} == {champion}
 
         def shadow_counts() -> tuple[float, float, float]:
             samples = metric_samples(service)
@@ -96,11 +100,15 @@ def test_shadow_answers_from_the_champion_and_counts_the_comparisons(two_version
 
         compared, agreed, dropped = shadow_counts()
         for _ in range(50):  # the copies finish off the request path
-            if compared + dropped >= 100:
+            if compared + dropped >= 150:
                 break
             compared, agreed, dropped = shadow_counts()
-        assert compared + dropped == 100 and compared > 0
-        assert agreed == compared  # version 2 is the same model: every shadowed digit agrees
+        assert (compared, dropped) == (150, 0)  # idle between requests: every copy was compared
+        first = saved_model_probabilities(registry, champion, images).argmax(1)
+        second = saved_model_probabilities(registry, challenger, images).argmax(1)
+        five = (first[:5] == second[:5]).sum()
+        assert agreed == (first == second).sum() + 10 * five  # what the two models say on the same inputs
+        assert 0 < agreed < 150 or (first == second).all()
         answered = {s.labels["version"] for s in metric_samples(service) if s.name == "digits_predictions_total" and s.value > 0}
         assert answered == {champion}  # shadow copies are not answers
         exposed = {s.name for s in metric_samples(service)}
