@@ -43,14 +43,16 @@ announce:
 	@echo "          2) train the '$(CONFIG)' config (its plan line says how long; CONFIG=seed takes about a minute)"
 	@echo "          3) serve the champion on http://127.0.0.1:$(PORT) (drawing page: /draw, or 'make draw'; runs: 'make ui')"
 
+## make train: train $(CONFIG) (python -m pipeline train; after make install): log, export, register, gate
 train:
 	$(BIN)/python -m pipeline train --config $(CONFIG)
 
 ## make tune: a hyperparameter search of $(TRIALS) trials over the $(SPACE) space, an hour at most, then the best
-## two retrained through the job and the gate (python -m pipeline tune; README)
+## two retrained through the job and the gate (python -m pipeline tune; docs/pipeline.md)
 tune: install
 	$(BIN)/python -m pipeline tune --space $(SPACE) --trials $(TRIALS) --timeout 3600 $(TUNE_ARGS)
 
+## make serve: serve the champion on http://127.0.0.1:$(PORT), gRPC on 8500 (after make install)
 serve:
 	GRPC_HOST=$${GRPC_HOST:-$${HOST:-127.0.0.1}} $(BIN)/bentoml serve service:Digits --host $${HOST:-127.0.0.1} --port $(PORT)
 

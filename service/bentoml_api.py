@@ -1,6 +1,6 @@
 """``predict`` as a typed BentoML API: what ``/schema.json``, the OpenAPI page and BentoML's own clients
 (``bentoml.SyncHTTPClient``/``AsyncHTTPClient``) see, and, with ``BATCHER=bentoml``, ``/predict`` through
-BentoML's adaptive batcher, kept to compare with the runtime batcher (see README, "Choosing the batcher").
+BentoML's adaptive batcher, kept to compare with the runtime batcher (see docs/service.md, `BATCHER`).
 
 By default the declaration only describes ``POST /predict``: :class:`service.http.HotRoutes` answers the
 route before BentoML's router (the body is the API's root input, so a BentoML client's request is the

@@ -4,7 +4,7 @@ Threads. Each worker runs TensorFlow with one inter-op thread (it calls the mode
 time, and a second pool only adds contention) and as many intra-op threads as the machine has cores,
 even with several workers: one worker's model call mostly runs while the others parse JSON, and
 splitting the cores (cores / workers each) was slower — measured with two workers on 2 cores
-(README, Performance: "Threads"). ``TF_INTRA_OP_THREADS`` / ``TF_INTER_OP_THREADS`` override it. They
+(docs/performance.md, "Threads"). ``TF_INTRA_OP_THREADS`` / ``TF_INTER_OP_THREADS`` override it. They
 must be set before TensorFlow runs its first op (:func:`configure_threads`, called at import of the
 service).
 

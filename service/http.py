@@ -474,7 +474,7 @@ class HotRoutes:
 
     These are the routes called thousands of times a second. Starlette's router, FastAPI's request
     handling and their exception middlewares cost about a fifth of a worker's time per request
-    (py-spy, README "Performance"), so these skip them and answer here, through the same
+    (py-spy, docs/performance.md), so these skip them and answer here, through the same
     handlers as the FastAPI routes above (which still document them and serve every other path).
     BentoML's own middlewares (metrics, concurrency limit, timeout) still run before this one.
     """

@@ -1,6 +1,6 @@
 """The Digits service: BentoML's lifecycle around one serving core, reached over HTTP and gRPC.
 
-    bentoml serve service:Digits --port 3000        (from the repo root; settings in README)
+    bentoml serve service:Digits --port 3000        (from the repo root; settings in docs/service.md)
 
 Routes live in :mod:`service.http` and :mod:`service.grpc_api`; both call :class:`ServingCore`, whose
 batcher lets requests from every route share model calls.

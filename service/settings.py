@@ -1,4 +1,4 @@
-"""Service settings, read once from the environment (see README, "Service configuration")."""
+"""Service settings, read once from the environment (see docs/service.md, "Service configuration")."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ MIN_ADMIN_TOKEN = 16
 
 def _workers() -> int:
     """``SERVICE_WORKERS``, by default (or ``auto``) one per usable core: measured on 2 cores, 2 workers
-    served 1.3x one worker's single-image requests (README, Performance)."""
+    served 1.3x one worker's single-image requests (docs/performance.md)."""
     if os.environ.get("SERVICE_WORKERS", "").strip().lower() in ("", "auto"):
         from service.compute import usable_cores
 
@@ -142,7 +142,7 @@ class Settings:
         }
         if not self.tracing:
             # BentoML samples no traces by default, yet still builds an OpenTelemetry span for every
-            # request: ~1/3 of the per-request cost under load (measured: README, "Performance").
+            # request: ~1/3 of the per-request cost under load (measured: docs/performance.md).
             config["tracing"] = {"excluded_urls": [".*"]}
         return config
 
