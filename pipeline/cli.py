@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.distributed import WorkerFailed
     from pipeline.errors import PipelineError
+    from pipeline.stop import exit_status
 
     try:
         return args.handler(args)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         print(f"interrupted ({exc or 'SIGINT'}): the MLflow run is marked FAILED and nothing was registered", file=sys.stderr)
-        return 143 if "SIGTERM" in str(exc) else 130
+        return exit_status(exc)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -270,7 +271,7 @@ def _tune(args: argparse.Namespace) -> int:
     from pipeline.data import resolve_spec
     from pipeline.errors import ConfigError
     from pipeline.search_space import load_space
-    from pipeline.stop import StopSignals
+    from pipeline.stop import StopSignals, exit_status
 
     if args.trials < 1:
         raise ConfigError("--trials must be at least 1")
@@ -303,7 +304,7 @@ def _tune(args: argparse.Namespace) -> int:
             f"study {study.name}, and the same command resumes it",
             file=sys.stderr,
         )
-        return 143 if "SIGTERM" in str(exc) else 130
+        return exit_status(exc)
     top = max(args.retrain_top, 1 if args.promote_best else 0)
     if not top:
         return 0

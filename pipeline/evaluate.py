@@ -7,18 +7,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import keras
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix, log_loss, precision_recall_fscore_support
 
-matplotlib.use("Agg")
-import keras  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import classification_report, confusion_matrix, log_loss, precision_recall_fscore_support  # noqa: E402
-
-from contract import NUM_CLASSES  # noqa: E402
-from pipeline.export import predict_savedmodel  # noqa: E402
-from pipeline.model import first_conv_layer, model_input  # noqa: E402
-from pipeline.register import download_saved_model  # noqa: E402
+from contract import NUM_CLASSES
+from pipeline.export import predict_savedmodel
+from pipeline.model import first_conv_layer, model_input
+from pipeline.register import download_saved_model
 
 LABELS = list(range(NUM_CLASSES))
 

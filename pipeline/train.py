@@ -19,6 +19,7 @@ from pipeline import distributed
 from pipeline.config import PipelineConfig, TrainingConfig
 from pipeline.data import Splits
 from pipeline.model import build_model, compile_model, model_input, recalibrate_batch_norm
+from pipeline.stop import SIGNALS, Stopped
 
 
 @dataclass
@@ -163,15 +164,13 @@ class RecalibrateBeforeValidation(keras.callbacks.Callback):
 
 class StopOnSignal(keras.callbacks.Callback):
     """Ctrl-C (SIGINT) or SIGTERM during ``fit`` stops training after the current batch, then raises
-    KeyboardInterrupt from Python code.
+    :class:`~pipeline.stop.Stopped` from Python code.
 
     Left to Python's default handler, the KeyboardInterrupt lands wherever the main thread happens to
     be, often inside TensorFlow's native code. The process then sometimes died in glibc's malloc on its
     way out (exit -6, seen in 2 of 3 runs of the Ctrl-C test on this machine) instead of marking the
     run FAILED.
     """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         super().__init__()
@@ -183,7 +182,7 @@ class StopOnSignal(keras.callbacks.Callback):
         self.model.stop_training = True
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.received is not None:
@@ -193,7 +192,7 @@ class StopOnSignal(keras.callbacks.Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self.received is not None:
-            raise KeyboardInterrupt(f"training stopped by {signal.Signals(self.received).name}")
+            raise Stopped(self.received, "training stopped")
 
 
 def train(

@@ -25,24 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import matplotlib
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
-
-from contract import sqlite_path, tracking_uri  # noqa: E402
-from pipeline import data as data_module  # noqa: E402
-from pipeline import tracking  # noqa: E402
-from pipeline.config import PipelineConfig, load_config, with_values  # noqa: E402
-from pipeline.cost import BATCH, serving_cost  # noqa: E402
-from pipeline.errors import ConfigError  # noqa: E402
-from pipeline.model import model_input  # noqa: E402
-from pipeline.search_space import Pruning, SearchSpace  # noqa: E402
-from pipeline.train import configure_devices, train  # noqa: E402
+from contract import sqlite_path, tracking_uri
+from pipeline import data as data_module
+from pipeline import tracking
+from pipeline.config import PipelineConfig, load_config, with_values
+from pipeline.cost import BATCH, serving_cost
+from pipeline.errors import ConfigError
+from pipeline.model import model_input
+from pipeline.search_space import Pruning, SearchSpace
+from pipeline.train import configure_devices, train
 
 OBJECTIVES = {"accuracy-cost": ("maximize", "minimize"), "accuracy": ("maximize",)}
 HISTORY = "val_accuracy_history"  # per-epoch validation accuracy, kept on each trial for the pruner

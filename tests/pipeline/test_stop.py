@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from pipeline.stop import StopSignals
+from pipeline.stop import StopSignals, Stopped, exit_status
 
 
 @pytest.fixture
@@ -18,8 +18,14 @@ def stop():
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_outside_the_commit_interrupts(stop, sig):
-    with pytest.raises(KeyboardInterrupt, match=f"stopped by {sig.name}"):
+    with pytest.raises(Stopped, match=f"stopped by {sig.name}") as stopped:
         os.kill(os.getpid(), sig)  # Python runs the handler right after this call returns
+    assert stopped.value.signum == sig
+    assert exit_status(stopped.value) == 128 + sig  # what a shell reports for a process killed by sig
+
+
+def test_an_interrupt_without_a_signal_exits_as_ctrl_c():
+    assert exit_status(KeyboardInterrupt()) == 130
 
 
 def test_a_signal_inside_the_commit_is_recorded_and_the_commit_finishes(stop):
