@@ -283,7 +283,7 @@ def _tune(args: argparse.Namespace) -> int:
         space = space.without(fixed)
         print(f"fixed for every trial (--set), not searched: {', '.join(f'{k}={v}' for k, v in fixed.items())}")
     space.check_against(config, args.overrides)
-    study = tune.Study(
+    study = tune.StudyPlan(
         name=args.study or space.path.stem,
         storage=args.storage or tune.default_storage(),
         config=config,

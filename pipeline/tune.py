@@ -48,8 +48,8 @@ OPTUNA_DB = "optuna.db"
 
 
 @dataclass(frozen=True)
-class Study:
-    """What one ``tune`` invocation works on."""
+class StudyPlan:
+    """What one ``tune`` invocation works on (the Optuna study it opens is :func:`open_study`'s)."""
 
     name: str
     storage: str
@@ -94,7 +94,7 @@ def sqlalchemy_url(storage: str) -> str:
     return storage.replace("postgresql://", "postgresql+psycopg://", 1) if storage.startswith("postgresql://") else storage
 
 
-def open_study(study: Study) -> optuna.Study:
+def open_study(study: StudyPlan) -> optuna.Study:
     """Create the study, or load it to resume; refuses one made with other objectives or another space."""
     fixed = json.dumps(study.fixed, sort_keys=True).encode()  # resuming with other --set values would mix fidelities
     fingerprint = hashlib.sha256(study.space.path.read_bytes() + fixed).hexdigest()[:16]
@@ -232,7 +232,7 @@ class PruneOnValidationAccuracy(keras.callbacks.Callback):
 
 
 def run_trial(
-    trial: optuna.Trial, study: Study, base: PipelineConfig, splits: data_module.Splits, say: Callable[[str], None]
+    trial: optuna.Trial, study: StudyPlan, base: PipelineConfig, splits: data_module.Splits, say: Callable[[str], None]
 ) -> Any:
     """Train one configuration in a nested MLflow run and return its objective values."""
     values = study.space.sample(trial)
@@ -285,7 +285,11 @@ def run_trial(
 
 
 def run_study(
-    study: Study, trials: int, data_spec: data_module.DataSpec, timeout: float | None = None, say: Callable[[str], None] = print
+    study: StudyPlan,
+    trials: int,
+    data_spec: data_module.DataSpec,
+    timeout: float | None = None,
+    say: Callable[[str], None] = print,
 ) -> optuna.Study:
     """Run trials until the study holds ``trials`` finished ones (or ``timeout`` seconds pass), in one
     parent MLflow run that ends with the Pareto front as tables and plots."""
