@@ -27,6 +27,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -438,6 +439,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.open_loop = [int(r) for r in args.open_loop.split(",") if r]
+    for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed (Debian: apt-get install {package}); it generates the load")
 
     with np.load(SAMPLE_NPZ) as npz:
         images, labels = npz["x_test"][:64], npz["y_test"][:64]

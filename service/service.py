@@ -57,6 +57,7 @@ class Digits:
             SETTINGS.registry_timeout_s,
             on_switch=model_switched,
             precision=SETTINGS.model_precision,
+            warmup_batch_sizes=SETTINGS.warmup_sizes,
         )
         try:
             info = runtime.start()
@@ -120,6 +121,7 @@ class Digits:
             SETTINGS.registry_timeout_s,
             on_switch=challenger_switched(SETTINGS.challenger_mode),
             precision=SETTINGS.model_precision,
+            warmup_batch_sizes=SETTINGS.warmup_sizes,
         )
         try:
             info = runtime.start()

@@ -96,6 +96,7 @@ class Settings:
     feedback_dir: str = "feedback"
     feedback_max_bytes: int = 256 * 1024 * 1024
     feedback_per_minute: int = 30
+    warmup_batch_sizes: int = 64
 
     def __post_init__(self) -> None:
         if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:
@@ -145,6 +146,11 @@ class Settings:
             # request: ~1/3 of the per-request cost under load (measured: docs/performance.md).
             config["tracing"] = {"excluded_urls": [".*"]}
         return config
+
+    @property
+    def warmup_sizes(self) -> int:
+        """Batch sizes 1..N the model is called at before it takes traffic (no larger than a batch can be)."""
+        return max(1, min(self.warmup_batch_sizes, max(self.batch_max_size, self.max_images_per_request)))
 
     def batcher_limits(self) -> dict[str, Any]:
         """The runtime batcher's limits; BATCHING=off makes every request its own model call."""
@@ -196,6 +202,7 @@ class Settings:
             feedback_dir=os.environ.get("FEEDBACK_DIR") or "feedback",
             feedback_max_bytes=_int("FEEDBACK_MAX_BYTES", 256 * 1024 * 1024),
             feedback_per_minute=_int("FEEDBACK_PER_MINUTE", 30),
+            warmup_batch_sizes=_int("WARMUP_BATCH_SIZES", 64),
         )
 
 

@@ -86,3 +86,14 @@ def test_model_info_shown_to_clients_hides_this_workers_paths():
     info = ModelInfo("mnist-cnn", "3", None, None, None, "/srv/exports/mnist/3", "/srv/exports/mnist/3", "now")
     public = info.as_dict()
     assert "path" not in public and public["source"] == "local SavedModel directory"
+
+
+def test_a_loaded_model_is_called_once_at_every_batch_size_of_the_warm_up():
+    shapes = []
+
+    class RecordingModel:  # stands in for a LoadedModel: only its calls matter here
+        def predict(self, pixels):
+            shapes.append(pixels.shape)
+
+    ModelRuntime("models:/mnist-cnn@champion", "sqlite:///unused.db", warmup_batch_sizes=5)._warm_up(RecordingModel())
+    assert shapes == [(size, *contract.IMAGE_SHAPE) for size in range(1, 6)]

@@ -53,3 +53,11 @@ def test_usable_cores_respect_a_container_cpu_quota(tmp_path, cpu_max, cap):
     affinity = len(os.sched_getaffinity(0))
     assert usable_cores(tmp_path / "cpu.max") == (min(affinity, cap) if cap else affinity)
     assert usable_cores(tmp_path / "absent") == affinity
+
+
+def test_the_warm_up_covers_batch_sizes_up_to_the_largest_batch(monkeypatch):
+    assert Settings.from_env().warmup_sizes == 64
+    monkeypatch.setenv("MAX_IMAGES_PER_REQUEST", "16")
+    assert Settings.from_env().warmup_sizes == 16  # no batch can be larger
+    monkeypatch.setenv("WARMUP_BATCH_SIZES", "0")
+    assert Settings.from_env().warmup_sizes == 1  # the one call that proves the model answers
