@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from pipeline.stop import StopSignals, Stopped, exit_status
+from pipeline.stop import Stopped, StopSignals, exit_status
 
 
 @pytest.fixture
