@@ -107,6 +107,9 @@ def run_training(
             _describe_failure(step, exc)
             mlflow.end_run("FAILED")
         raise
+    finally:
+        if mlflow.active_run() is None:  # ended, FINISHED or FAILED: liveness no longer matters
+            tracking.forget_liveness(run_id)
 
 
 def run_worker(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Callable[[str], None] = print) -> TrainResult:

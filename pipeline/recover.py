@@ -66,6 +66,7 @@ def _fail_dead_runs(client: MlflowClient, experiment: str, stale_after_s: float)
         else:
             continue
         client.set_terminated(run.info.run_id, "FAILED")
+        tracking.forget_liveness(run.info.run_id)
         fixes.append(f"run {run.info.run_id} ({run.info.run_name}) was RUNNING but {why}: marked FAILED")
     return fixes
 

@@ -122,6 +122,17 @@ def liveness_tags() -> dict[str, str]:
     }
 
 
+def forget_liveness(run_id: str) -> None:
+    """Drop the liveness tags of a run that has ended: they only matter while it is RUNNING, and a
+    reviewer reading a finished run's tags should not have to read past host, pid and heartbeat."""
+    client = MlflowClient()
+    for key in (HOST_TAG, PID_TAG, STARTED_TAG, HEARTBEAT_TAG):
+        try:
+            client.delete_tag(run_id, key)
+        except (MlflowException, OSError):
+            pass  # cosmetic: a finished run with its liveness tags left is still right
+
+
 def process_started(pid: int) -> float:
     import psutil
 
@@ -154,6 +165,7 @@ class Heartbeat:
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
+        self._thread.join(timeout=5)  # no beat may land after the run ends
 
     def _beat(self) -> None:
         client = MlflowClient()

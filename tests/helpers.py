@@ -100,6 +100,7 @@ def assert_failed_and_nothing_registered(env: dict[str, str], exports: Path) -> 
     client = client_for(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
     assert [run.info.status for run in runs] == ["FAILED"]
+    assert not [key for key in runs[0].data.tags if key.startswith("job.")], "a failed run keeps no liveness tags"
     assert client.search_model_versions("name='mnist-cnn'") == []
     assert not exports.exists() or not any(exports.rglob("saved_model.pb"))
 

@@ -93,6 +93,7 @@ def test_run_holds_params_metrics_artifacts_tags_and_dataset(trained_registry):
     assert tags["data_source"] == f"npz:{SAMPLE_NPZ}" and len(tags["data_digest"]) == 16
     assert float(tags["training_wall_time_s"]) > 0 and re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
     assert tags["gate_decision"] == "promoted"
+    assert not [key for key in tags if key.startswith("job.")], "liveness tags stay only while the run runs"
     note = tags["mlflow.note.content"]
     accuracy = trained_registry.result["test_accuracy"]
     assert f"{accuracy:.4f}" in note and "mnist-cnn version 1" in note and "promoted to `champion`" in note

@@ -87,6 +87,9 @@ def _state(root: Path) -> dict:
         "exports": sorted(p.name for p in servable.iterdir() if not p.name.startswith(".")),
         "staging": sorted(p.name for p in servable.iterdir() if p.name.startswith(".staging")),
         "locks": [m.name for m in client.search_registered_models() if m.name.endswith("--gate-lock")],
+        "liveness": sorted(
+            key for run in runs if run.info.status != "RUNNING" for key in run.data.tags if key.startswith("job.")
+        ),
     }
 
 
@@ -95,6 +98,7 @@ def _assert_consistent(state: dict) -> None:
     assert set(state["versions"].values()) <= {"FINISHED"}, state  # no version without a finished run
     assert state["exports"] == sorted(state["versions"]), state  # one export per version, no orphan
     assert state["staging"] == [] and state["locks"] == [], state
+    assert state["liveness"] == [], state  # host, pid and heartbeat go once a run has ended, however it ended
     assert state["champion"] in state["versions"], state
 
 
