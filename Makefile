@@ -74,8 +74,11 @@ ui:
 	  $(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $(UI_PORT)
 
 ## make test: install with the dev extra and run every test (make test-fast skips the slow end-to-end ones)
+# Two pytest workers (pytest-xdist), a whole test file to one worker, so module fixtures are built once;
+# most slow tests wait on child processes (servers starting, training, pauses), which leaves a core free.
+TEST_WORKERS ?= 2
 test: install-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install-dev
 	$(BIN)/python -m pytest -m "not slow"

@@ -87,9 +87,7 @@ def _state(root: Path) -> dict:
         "exports": sorted(p.name for p in servable.iterdir() if not p.name.startswith(".")),
         "staging": sorted(p.name for p in servable.iterdir() if p.name.startswith(".staging")),
         "locks": [m.name for m in client.search_registered_models() if m.name.endswith("--gate-lock")],
-        "liveness": sorted(
-            key for run in runs if run.info.status != "RUNNING" for key in run.data.tags if key.startswith("job.")
-        ),
+        "liveness": sorted(key for run in runs if run.info.status == "FAILED" for key in run.data.tags if key.startswith("job.")),
     }
 
 
@@ -98,7 +96,7 @@ def _assert_consistent(state: dict) -> None:
     assert set(state["versions"].values()) <= {"FINISHED"}, state  # no version without a finished run
     assert state["exports"] == sorted(state["versions"]), state  # one export per version, no orphan
     assert state["staging"] == [] and state["locks"] == [], state
-    assert state["liveness"] == [], state  # host, pid and heartbeat go once a run has ended, however it ended
+    assert state["liveness"] == [], state  # a failed run (by the job or by recover) keeps no host, pid or heartbeat
     assert state["champion"] in state["versions"], state
 
 

@@ -1,9 +1,12 @@
 """Champion and challenger on the real service: canary answers split by CANARY_PERCENT (sticky per
-X-Canary-Key, over HTTP and gRPC alike), shadow copies compared in /metrics, both models in /model."""
+X-Canary-Key, over HTTP and gRPC alike), shadow copies compared in /metrics, both models in /model, and
+hot reload of both aliases during canary traffic."""
 
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 import grpc
 import pytest
@@ -11,7 +14,7 @@ import requests
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from service.launcher import start_service, stop_service
-from tests.helpers import REPO_ROOT, client_for, run_pipeline, seed_training
+from tests.helpers import REPO_ROOT, assert_same_answers, client_for, run_pipeline, seed_training
 from tests.service.helpers import metric_samples, predict_request, saved_model_probabilities
 
 pytestmark = pytest.mark.slow
@@ -117,3 +120,55 @@ def test_shadow_answers_from_the_champion_and_its_agreement_is_the_two_models(tw
         assert plotted and plotted <= exposed, plotted - exposed
     finally:
         stop_service(service)
+
+
+def test_swapping_both_aliases_under_canary_load_fails_nothing_and_every_answer_is_one_version(two_versions, sample, tmp_path):
+    shared, champion, challenger = two_versions
+    registry = shared.copy(tmp_path / "store")  # this test moves both aliases
+    service = serve(registry, "canary", tmp_path, CANARY_PERCENT="50", MODEL_POLL_SECONDS="1")
+    images = sample["x_test"][:5]
+    expected = {version: saved_model_probabilities(registry, version, images) for version in (champion, challenger)}
+    answers: list[tuple[str, list[dict]]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        deadline = time.monotonic() + 90
+        with requests.Session() as session:
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    answer = session.post(f"{service.url}/predict", json=images.tolist(), timeout=30)
+                except requests.RequestException as exc:
+                    failures.append(str(exc))
+                    continue
+                if answer.status_code != 200:
+                    failures.append(f"{answer.status_code}: {answer.text[:200]}")
+                    continue
+                answers.append((answer.headers["x-model-version"], answer.json()))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1)
+        client = client_for(registry.tracking_uri)
+        client.set_registered_model_alias("mnist-cnn", "champion", challenger)  # the challenger wins ...
+        client.set_registered_model_alias("mnist-cnn", "challenger", champion)  # ... and the old champion waits
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = requests.get(f"{service.url}/model", timeout=10).json()
+            if info["version"] == challenger and info["challenger"]["version"] == champion:
+                break
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        stop_service(service)
+    assert info["version"] == challenger and info["challenger"]["version"] == champion, info
+    assert not failures, failures[:3]
+    assert len(answers) > 20 and {version for version, _ in answers} == {champion, challenger}
+    for version, body in answers:
+        assert {image["model_version"] for image in body} == {version}  # one version per answer, as it says
+        assert_same_answers([image["probabilities"] for image in body], expected[version])  # and it is that model
