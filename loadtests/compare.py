@@ -24,8 +24,8 @@ import psutil
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+from harness.launcher import start_mlflow_models_serve, start_service, stop_process  # noqa: E402
 from loadtests.run import run_profile  # noqa: E402
-from service.launcher import start_mlflow_models_serve, start_service, stop_process  # noqa: E402
 
 SERVERS = {
     "service, batching on": {"env": {}, "users": {"steady": "SingleImageUser", "rate": "SingleImageUser", "batch": "BatchUser"}},

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 from contract import registry_uri  # noqa: E402
-from service.launcher import start_service, stop_service  # noqa: E402
+from harness.launcher import start_service, stop_service  # noqa: E402
 
 PROFILES = HERE / "profiles.yaml"
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 from benchmark_serving import wrk  # noqa: E402
 
-from service.launcher import child_env, free_port, start_nginx, start_service, stop_process  # noqa: E402
+from harness.launcher import child_env, free_port, start_nginx, start_service, stop_process  # noqa: E402
 
 SAMPLE_NPZ = REPO / "tests" / "fixtures" / "mnist-sample.npz"
 

@@ -42,7 +42,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from contract import SERVABLE_NAME, SIGNATURE  # noqa: E402
-from service.launcher import (  # noqa: E402
+from harness.launcher import (  # noqa: E402
     free_port,
     start_mlflow_models_serve,
     start_process,

@@ -20,8 +20,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from contract import SERVABLE_NAME  # noqa: E402
+from harness.launcher import free_port  # noqa: E402
 from scripts.benchmark_serving import grpc_frame, h2load  # noqa: E402
-from service.launcher import free_port  # noqa: E402
 
 
 def serve(port: int) -> None:

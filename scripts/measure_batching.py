@@ -26,7 +26,7 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from service.launcher import start_service, stop_service  # noqa: E402
+from harness.launcher import start_service, stop_service  # noqa: E402
 
 SAMPLE_NPZ = REPO / "tests" / "fixtures" / "mnist-sample.npz"
 

@@ -20,7 +20,7 @@ import mlflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contract import REGISTERED_MODEL  # noqa: E402
-from service.launcher import start_mlflow_server, stop_process  # noqa: E402
+from harness.launcher import start_mlflow_server, stop_process  # noqa: E402
 
 EXPERIMENT = "mnist"
 

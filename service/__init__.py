@@ -1,6 +1,7 @@
 """Digits prediction service (BentoML). Start it with ``bentoml serve service:Digits``.
 
-``Digits`` is imported on first use, so helpers such as :mod:`service.launcher` stay light.
+``Digits`` is imported on first use, so importing a light module such as :mod:`service.client` does
+not load BentoML and TensorFlow.
 """
 
 from typing import Any

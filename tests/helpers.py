@@ -15,7 +15,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 from contract import EMBEDDED_DB
-from service.launcher import child_env
+from harness.launcher import child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from service.launcher import NGINX_TEMPLATE, REPO_ROOT
+from harness.launcher import NGINX_TEMPLATE, REPO_ROOT
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

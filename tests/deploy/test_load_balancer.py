@@ -18,7 +18,7 @@ import yaml
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from contract import CHAMPION, REGISTERED_MODEL
-from service.launcher import REPO_ROOT, nginx_binary, start_nginx, start_service, stop_process
+from harness.launcher import REPO_ROOT, nginx_binary, start_nginx, start_service, stop_process
 from tests.helpers import client_for
 from tests.service.helpers import ADMIN_TOKEN, metric_samples, predict_request, served_version
 

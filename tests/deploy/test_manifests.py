@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.launcher import REPO_ROOT
+from harness.launcher import REPO_ROOT
 from tests.helpers import BENTO_USER_UID
 
 K8S = REPO_ROOT / "deploy" / "k8s"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from service.launcher import REPO_ROOT, child_env, free_port, start_process, stop_process
+from harness.launcher import REPO_ROOT, child_env, free_port, start_process, stop_process
 from tests.helpers import BENTO_USER_UID
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.launcher import REPO_ROOT, RunningService, child_env, start_service, stop_service
+from harness.launcher import REPO_ROOT, RunningService, child_env, start_service, stop_service
 
 pytestmark = pytest.mark.slow
 

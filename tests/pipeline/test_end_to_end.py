@@ -17,7 +17,7 @@ import tensorflow as tf
 from mlflow import MlflowClient
 
 from contract import registry_uri
-from service.launcher import child_env, start_mlflow_models_serve, stop_process
+from harness.launcher import child_env, start_mlflow_models_serve, stop_process
 from tests.helpers import (
     SAMPLE_NPZ,
     assert_failed_and_nothing_registered,

@@ -15,9 +15,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from harness.launcher import start_mlflow_server, stop_process
 from pipeline import register
 from pipeline.gate import gate_and_promote, lock_name
-from service.launcher import start_mlflow_server, stop_process
 
 pytestmark = pytest.mark.slow
 NAME = "mnist-cnn"

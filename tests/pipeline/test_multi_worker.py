@@ -14,9 +14,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from harness.launcher import child_env, free_port
 from pipeline.distributed import Cluster, cluster_from_env
 from pipeline.errors import ConfigError
-from service.launcher import child_env, free_port
 from tests.helpers import (
     assert_failed_and_nothing_registered,
     client_for,

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from service.launcher import child_env
+from harness.launcher import child_env
 from tests.helpers import last_json_line, run_pipeline, seed_training
 
 pytestmark = pytest.mark.slow

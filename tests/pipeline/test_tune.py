@@ -16,8 +16,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from harness.launcher import child_env
 from pipeline.config import load_config
-from service.launcher import child_env
 from tests.helpers import FIXTURES, SAMPLE_NPZ, run_pipeline, store_env
 
 pytestmark = pytest.mark.slow

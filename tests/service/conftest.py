@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.launcher import start_service, stop_service
+from harness.launcher import start_service, stop_service
 from tests.service.helpers import ADMIN_TOKEN
 
 

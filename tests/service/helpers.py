@@ -10,7 +10,7 @@ import tensorflow as tf
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2
 
-from service.launcher import RunningService
+from harness.launcher import RunningService
 
 ADMIN_TOKEN = "test-admin-token"
 

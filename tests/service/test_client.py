@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.launcher import free_port
+from harness.launcher import free_port
 from tests.service.helpers import saved_model_probabilities, served_version
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import requests
 
+from harness.launcher import start_service, stop_service
 from pipeline.feedback import read_records
 from service.errors import InputError
 from service.feedback import FeedbackStore, FeedbackStoreFull, TooManyFeedbacks, parse_feedback
-from service.launcher import start_service, stop_service
 from tests.service.helpers import metric_samples, served_version
 
 

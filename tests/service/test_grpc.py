@@ -20,7 +20,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from service.launcher import start_service, stop_service
+from harness.launcher import start_service, stop_service
 from tests.helpers import assert_same_answers
 from tests.service.helpers import histogram, metric_samples, predict_request, saved_model_probabilities, served_version
 
@@ -162,7 +162,7 @@ def test_health_service_and_reflection(channel):
 
 def test_grpc_is_unavailable_until_the_model_is_loaded_then_serving(trained_registry, tmp_path):
     """Before the worker has loaded a model nothing answers (UNAVAILABLE); SERVING comes only with /readyz."""
-    from service.launcher import free_port
+    from harness.launcher import free_port
 
     grpc_port = free_port()
     env = {**trained_registry.env, "MODEL_POLL_SECONDS": "0", "GRPC_PORT": str(grpc_port)}

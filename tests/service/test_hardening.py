@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from service.launcher import free_port, start_mlflow_server, start_service, stop_process, stop_service
+from harness.launcher import free_port, start_mlflow_server, start_service, stop_process, stop_service
 from tests.service.helpers import ADMIN_TOKEN
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 import requests
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from service.launcher import start_service, stop_service
+from harness.launcher import start_service, stop_service
 from tests.helpers import REPO_ROOT, assert_same_answers, client_for, run_pipeline, seed_training
 from tests.service.helpers import metric_samples, predict_request, saved_model_probabilities
 

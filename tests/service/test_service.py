@@ -18,7 +18,7 @@ from PIL import Image
 from tensorflow.python.saved_model import loader_impl
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from service.launcher import start_service, stop_service
+from harness.launcher import start_service, stop_service
 from tests.helpers import assert_same_answers, last_json_line, run_pipeline, seed_training
 from tests.service.helpers import (
     ADMIN_TOKEN,

@@ -11,8 +11,8 @@ import pytest
 import requests
 from mlflow.webhooks.delivery import _generate_hmac_signature
 
+from harness.launcher import start_mlflow_server, start_service, stop_service
 from service.errors import InputError
-from service.launcher import start_mlflow_server, start_service, stop_service
 from service.webhooks import RegistryEvent, Replayed, SiblingReloads, Unauthenticated, WebhookVerifier
 from tests.helpers import client_for
 

@@ -9,7 +9,7 @@ import json
 import psutil
 import pytest
 
-from service.launcher import start_service, stop_service
+from harness.launcher import start_service, stop_service
 
 pytestmark = pytest.mark.slow
 

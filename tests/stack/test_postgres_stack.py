@@ -17,7 +17,7 @@ import requests
 import tensorflow as tf
 import yaml
 
-from service.launcher import REPO_ROOT, free_port, start_process, start_service, stop_process, stop_service
+from harness.launcher import REPO_ROOT, free_port, start_process, start_service, stop_process, stop_service
 from tests.helpers import assert_same_answers, last_json_line, run_pipeline, seed_training
 
 pytestmark = pytest.mark.slow

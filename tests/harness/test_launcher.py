@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from service.launcher import start_service, stop_process
+from harness.launcher import start_service, stop_process
 
 pytestmark = pytest.mark.slow
 
