@@ -7,6 +7,8 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,15 @@ def run_pipeline(args: list[str], env: dict[str, str], cwd: Path, timeout: float
         text=True,
         timeout=timeout,
     )
+
+
+def wait_until(check: Callable[[], object], timeout: float, interval: float = 0.5) -> object:
+    """Call ``check`` until it returns something truthy or ``timeout`` seconds pass; return its last value
+    (the caller asserts on it, so a timeout fails with what was last seen)."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return value
 
 
 def last_json_line(stdout: str) -> dict:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -24,6 +23,7 @@ from tests.helpers import (
     run_pipeline,
     seed_training,
     store_env,
+    wait_until,
 )
 
 
@@ -152,9 +152,7 @@ def test_a_killed_worker_fails_the_run_and_registers_nothing(tmp_path):
     procs, dirs, logs = start_cluster(tmp_path, epochs=60)
     chief, worker = procs
     try:
-        deadline = time.monotonic() + 300
-        while "epoch 2/" not in logs[1].read_text() and time.monotonic() < deadline and chief.poll() is None:
-            time.sleep(0.5)
+        wait_until(lambda: "epoch 2/" in logs[1].read_text() or chief.poll() is not None, timeout=300)
         assert "epoch 2/" in logs[1].read_text(), logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
         os.killpg(worker.pid, signal.SIGKILL)
         chief.wait(timeout=180)

@@ -14,7 +14,7 @@ import requests
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from harness.launcher import start_service, stop_service
-from tests.helpers import REPO_ROOT, assert_same_answers, client_for, run_pipeline, seed_training
+from tests.helpers import REPO_ROOT, assert_same_answers, client_for, run_pipeline, seed_training, wait_until
 from tests.service.helpers import metric_samples, predict_request, saved_model_probabilities
 
 pytestmark = pytest.mark.slow
@@ -154,12 +154,12 @@ def test_swapping_both_aliases_under_canary_load_fails_nothing_and_every_answer_
         client = client_for(registry.tracking_uri)
         client.set_registered_model_alias("mnist-cnn", "champion", challenger)  # the challenger wins ...
         client.set_registered_model_alias("mnist-cnn", "challenger", champion)  # ... and the old champion waits
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def swapped() -> dict | None:
             info = requests.get(f"{service.url}/model", timeout=10).json()
-            if info["version"] == challenger and info["challenger"]["version"] == champion:
-                break
-            time.sleep(0.5)
+            return info if info["version"] == challenger and info["challenger"]["version"] == champion else None
+
+        info = wait_until(swapped, timeout=60) or requests.get(f"{service.url}/model", timeout=10).json()
         time.sleep(1)
     finally:
         stop.set()

@@ -19,7 +19,7 @@ from tensorflow.python.saved_model import loader_impl
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from harness.launcher import start_service, stop_service
-from tests.helpers import assert_same_answers, last_json_line, run_pipeline, seed_training
+from tests.helpers import assert_same_answers, last_json_line, run_pipeline, seed_training, wait_until
 from tests.service.helpers import (
     ADMIN_TOKEN,
     batch_histogram,
@@ -283,9 +283,7 @@ def hot_reload_under_load(service, registry, sample) -> None:
         time.sleep(1)
         promoted = run_pipeline(["promote", new_version], registry.env, registry.workdir)
         assert promoted.returncode == 0, promoted.stderr
-        deadline = time.monotonic() + 60
-        while served_version(service) != new_version and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until(lambda: served_version(service) == new_version, timeout=60)
         time.sleep(1)
     finally:
         stop.set()

@@ -14,7 +14,7 @@ from mlflow.webhooks.delivery import _generate_hmac_signature
 from harness.launcher import start_mlflow_server, start_service, stop_service
 from service.errors import InputError
 from service.webhooks import RegistryEvent, Replayed, SiblingReloads, Unauthenticated, WebhookVerifier
-from tests.helpers import client_for
+from tests.helpers import client_for, wait_until
 
 SECRET = "webhook-test-secret"
 EVENT = {"entity": "model_version_alias", "action": "created", "data": {"name": "mnist-cnn", "alias": "champion", "version": "2"}}
@@ -76,9 +76,7 @@ def test_sibling_reloads_reach_other_watchers_not_the_notifier(tmp_path):
     time.sleep(0.2)
     assert calls == []
     (tmp_path / "reload").write_text("999999 0")  # another worker's notification
-    deadline = time.monotonic() + 2
-    while not calls and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: calls, timeout=2, interval=0.02)
     siblings.stop()
     assert calls == ["reload"]
 
