@@ -298,7 +298,7 @@ def _tune(args: argparse.Namespace) -> int:
     try:
         opened = tune.run_study(study, args.trials, spec, args.timeout)
     except KeyboardInterrupt as exc:
-        finished = len(opened_trials(study))
+        finished = len(tune.finished_trials(study))
         print(
             f"interrupted ({exc or 'SIGINT'}): the running trial is marked FAILED; {finished} finished trial(s) stay in "
             f"study {study.name}, and the same command resumes it",
@@ -309,15 +309,6 @@ def _tune(args: argparse.Namespace) -> int:
     if not top:
         return 0
     return tune.retrain_top(opened, top, args.max_ms_per_image, args.retrain_set, args.data, args.write_config)
-
-
-def opened_trials(study) -> list:
-    """The finished trials of ``study`` as stored (after an interruption)."""
-    import optuna
-
-    from pipeline.tune import FINISHED, sqlalchemy_url
-
-    return optuna.load_study(study_name=study.name, storage=sqlalchemy_url(study.storage)).get_trials(states=FINISHED)
 
 
 def _recover(args: argparse.Namespace) -> int:

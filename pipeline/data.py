@@ -34,8 +34,14 @@ class DataSpec:
     source: str  # keras | npz | idx
     path: str | None = None
 
+    @property
+    def shown_path(self) -> str | None:
+        """The path as run pages show it: relative to the working directory, never a machine's absolute
+        path (the content is identified by the ``data_digest`` tag)."""
+        return None if self.path is None else os.path.relpath(self.path)
+
     def describe(self) -> str:
-        return self.source if self.path is None else f"{self.source}:{self.path}"
+        return self.source if self.path is None else f"{self.source}:{self.shown_path}"
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def run_training(
             mlflow.set_tags({"config": cfg.name, "data_source": data_spec.describe()})
             if cluster is not None:
                 mlflow.set_tags({"cluster_tasks": str(cluster.size), "cluster_chief": cluster.task})
-            mlflow.log_params({**cfg.flat(), "data.source": data_spec.source, "data.path": data_spec.path})
+            mlflow.log_params({**cfg.flat(), "data.source": data_spec.source, "data.path": data_spec.shown_path})
 
             step = _step(say, "data")
             data = data_module.load(data_spec)
@@ -239,7 +239,7 @@ def _commit(
         undo.callback(register.delete_version, name, version)
         try:
             _step(say, "publish")
-            mlflow.set_tag(recover.EXPORT_PATH_TAG, str((staging.parent / str(version)).resolve()))
+            mlflow.set_tag(recover.EXPORT_PATH_TAG, os.path.relpath(staging.parent / str(version), cfg.export.base_dir))
             export_path = export.publish(staging, version)
             undo.callback(export.unpublish, export_path)
 
@@ -350,14 +350,14 @@ def _with_feedback(splits: data_module.Splits, path: Path, say: Callable[[str], 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16]
-        dataset = mlflow.data.from_numpy(x, targets=y, source=str(Path(path).resolve()), name=f"feedback-{digest}")
+        dataset = mlflow.data.from_numpy(x, targets=y, source=os.path.relpath(path), name=f"feedback-{digest}")
     mlflow.log_input(dataset, context="training-feedback")
     mlflow.log_params({"feedback.examples": len(x), "feedback.path": Path(path).name})
     return dataclasses.replace(splits, x_train=np.concatenate([splits.x_train, x]), y_train=np.concatenate([splits.y_train, y]))
 
 
 def _log_dataset(data: data_module.MnistData) -> None:
-    source = KERAS_MNIST_URL if data.spec.source == "keras" else str(Path(data.spec.path).resolve())
+    source = KERAS_MNIST_URL if data.spec.source == "keras" else data.spec.shown_path
     mlflow.set_tag("data_digest", data.digest)
     for context, (x, y) in {"training": (data.x_train, data.y_train), "testing": (data.x_test, data.y_test)}.items():
         with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"; all mean the same

@@ -36,7 +36,7 @@ def recover(
     client = MlflowClient()
     fixes = [
         *_fail_dead_runs(client, experiment, stale_after_s),
-        *_delete_unfinished_versions(client, name),
+        *_delete_unfinished_versions(client, name, Path(export_base)),
         *_remove_dead_staging(servable_dir(export_base), stale_after_s),
     ]
     holder = gate.break_stale_lock(name)
@@ -71,7 +71,7 @@ def _fail_dead_runs(client: MlflowClient, experiment: str, stale_after_s: float)
     return fixes
 
 
-def _delete_unfinished_versions(client: MlflowClient, name: str) -> list[str]:
+def _delete_unfinished_versions(client: MlflowClient, name: str, export_base: Path) -> list[str]:
     fixes = []
     try:
         versions = client.search_model_versions(f"name='{name}'")
@@ -89,8 +89,8 @@ def _delete_unfinished_versions(client: MlflowClient, name: str) -> list[str]:
         was_champion = register.alias_version(name, CHAMPION) == str(version.version)
         client.delete_model_version(name, version.version)
         fixes.append(f"deleted {name} version {version.version}: its run {version.run_id} is {status}")
-        exported = tags.get(EXPORT_PATH_TAG)
-        if exported and Path(exported).name == str(version.version) and Path(exported).is_dir():
+        exported = export_base / tags[EXPORT_PATH_TAG] if tags.get(EXPORT_PATH_TAG) else None  # relative to the base
+        if exported and exported.name == str(version.version) and exported.is_dir():
             shutil.rmtree(exported, ignore_errors=True)
             fixes.append(f"removed its export {exported}")
         if was_champion:

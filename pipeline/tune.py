@@ -345,6 +345,11 @@ def run_study(
     return opened
 
 
+def finished_trials(plan: StudyPlan) -> list[FrozenTrial]:
+    """The finished trials of a study as stored (after an interruption, say)."""
+    return optuna.load_study(study_name=plan.name, storage=sqlalchemy_url(plan.storage)).get_trials(states=FINISHED)
+
+
 def _finished(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -78,7 +79,9 @@ def test_run_holds_params_metrics_artifacts_tags_and_dataset(trained_registry):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["training.epochs"] == "1" and params["model.rescale"] == "False"
-    assert (params["data.source"], params["data.path"]) == ("npz", str(SAMPLE_NPZ)), "params must say what data ran"
+    assert (params["data.source"], params["data.path"]) == ("npz", os.path.relpath(SAMPLE_NPZ, trained_registry.workdir)), (
+        "params must say what data ran"
+    )
     assert params["optimizer_name"], "MLflow's Keras callback logs the optimizer's settings"
     for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
         history = client.get_metric_history(run.info.run_id, metric)
@@ -90,7 +93,10 @@ def test_run_holds_params_metrics_artifacts_tags_and_dataset(trained_registry):
     assert run.data.metrics["test_accuracy"] == pytest.approx(trained_registry.result["test_accuracy"], abs=1e-6)
     assert ARTIFACTS <= all_artifacts(client, run.info.run_id)
     tags = run.data.tags
-    assert tags["data_source"] == f"npz:{SAMPLE_NPZ}" and len(tags["data_digest"]) == 16
+    assert (
+        tags["data_source"] == f"npz:{os.path.relpath(SAMPLE_NPZ, trained_registry.workdir)}" and len(tags["data_digest"]) == 16
+    )
+    assert tags["export_path"] == "mnist/1", "the export, relative to the export base: no machine-local path"
     assert float(tags["training_wall_time_s"]) > 0 and re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
     assert tags["gate_decision"] == "promoted"
     assert not [key for key in tags if key.startswith("job.")], "liveness tags stay only while the run runs"
