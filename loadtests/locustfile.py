@@ -6,7 +6,9 @@ ends in a RecursionError. Run it in its own process (or the compose `locust` ser
     locust -f loadtests/locustfile.py --host ... --tags batch upload
     LOAD_GRPC_TARGET=127.0.0.1:8500 locust -f loadtests/locustfile.py --host ... GrpcUser
 
-``GrpcUser`` imports ``tensorflow_serving.apis`` (and so TensorFlow's protobufs) only when it starts.
+``GrpcUser`` needs ``tensorflow_serving.apis``, which imports all of TensorFlow (seconds of CPU): it is
+imported once, at Locust's ``init`` and only when ``GrpcUser`` runs, never inside a running user, where
+the import would hold every other user's greenlet until it finished.
 
 Every answer is checked: status, shape, and that the predicted digit matches the label for most
 requests (a ``wrong digit`` failure is counted when a whole answer disagrees with its labels more than
@@ -25,7 +27,7 @@ from pathlib import Path
 import gevent
 import grpc
 import grpc.experimental.gevent as grpc_gevent
-from locust import FastHttpUser, User, constant, constant_throughput, tag, task
+from locust import FastHttpUser, User, constant, constant_throughput, events, tag, task
 
 grpc_gevent.init_gevent()  # gRPC's own threads must cooperate with Locust's gevent loop
 
@@ -149,6 +151,17 @@ class TFServingUser(_DigitsUser):
         )
 
 
+TF_SERVING_APIS: dict[str, object] = {}  # predict_pb2 and prediction_service_pb2_grpc, once GrpcUser is selected
+
+
+@events.init.add_listener
+def _import_tf_serving_apis(environment, **_kwargs) -> None:
+    if any(issubclass(user, GrpcUser) for user in environment.user_classes):
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+        TF_SERVING_APIS.update(predict_pb2=predict_pb2, prediction_service_pb2_grpc=prediction_service_pb2_grpc)
+
+
 class GrpcUser(User):
     """TensorFlow Serving's gRPC ``Predict``, one image per call, with the stock stubs. The target is
     ``LOAD_GRPC_TARGET`` (host:port), else the HTTP host's name with port ``GRPC_PORT`` (8500).
@@ -157,8 +170,7 @@ class GrpcUser(User):
     wait_time = constant_throughput(RATE_PER_USER) if RATE_PER_USER > 0 else constant(0)
 
     def on_start(self) -> None:
-        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-
+        predict_pb2, prediction_service_pb2_grpc = TF_SERVING_APIS["predict_pb2"], TF_SERVING_APIS["prediction_service_pb2_grpc"]
         target = (
             os.environ.get("LOAD_GRPC_TARGET")
             or f"{(self.host or 'http://127.0.0.1').split('://')[-1].split(':')[0]}:{os.environ.get('GRPC_PORT', '8500')}"
