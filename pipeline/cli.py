@@ -12,13 +12,16 @@ import quiet
 from contract import CHAMPION, REGISTERED_MODEL, registry_uri
 
 DEFAULT_CONFIG = "champion"
+NEEDS_TENSORFLOW = frozenset({"train", "evaluate", "tune"})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    # Heavy imports after parsing, so --help and usage errors answer at once.
-    quiet.import_tensorflow()
+    # Heavy imports after parsing, so --help and usage errors answer at once; TensorFlow only for the
+    # commands that run a model (10 s of CPU on 2 cores: promote and recover need only MLflow).
+    if args.command in NEEDS_TENSORFLOW:
+        quiet.import_tensorflow()
     from mlflow.exceptions import MlflowException
 
     from pipeline.distributed import WorkerFailed

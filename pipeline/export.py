@@ -3,7 +3,7 @@
 Signature ``serving_default``: ``pixels`` uint8 ``[N, 28, 28]`` -> ``probabilities`` float32 ``[N, 10]``,
 ``digit`` int64 ``[N]``.
 Everything between raw pixels and probabilities is inside the graph, so a TensorFlow Serving client
-that sends raw pixels gets correct answers. Layout: ``<base>/mnist/<version>/saved_model.pb``.
+that sends raw pixels gets correct answers. Layout: ``<base>/mnist/<version>/saved_model.pb`` (:mod:`pipeline.publish`).
 
 The exported graph is the inference model: batch normalization folded into the conv or dense layer
 before it, training-only layers (augmentation, dropout) left out. Keras 3 runs an inference-mode
@@ -13,20 +13,17 @@ export is checked against the trained, unfolded model before it is published (:f
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import uuid
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from contract import IMAGE_SHAPE, SIGNATURE, servable_dir
+from contract import IMAGE_SHAPE, SIGNATURE
 from pipeline.errors import ExportError
 from pipeline.model import TRAINING_ONLY, layer_chain, model_input
-from pipeline.tracking import process_started
+from pipeline.publish import new_staging
 
 
 def fold_batch_norm(model: keras.Model) -> keras.Model:
@@ -81,12 +78,10 @@ def export_to_staging(model: keras.Model, export_base: Path, fold: bool = True) 
     directory under ``<base>/mnist``.
 
     TensorFlow Serving ignores directories whose names are not numbers, so a staged export is never
-    picked up half-written; :func:`publish` renames it into place once it has a version number.
+    picked up half-written; :func:`pipeline.publish.publish` renames it into place once it has a
+    version number.
     """
-    servable = servable_dir(export_base)
-    servable.mkdir(parents=True, exist_ok=True)
-    pid = os.getpid()
-    staging = servable / f".staging-{pid}-{process_started(pid):.0f}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
+    staging = new_staging(export_base)
 
     inference = fold_batch_norm(model) if fold else model  # fold=False: for comparisons (scripts/benchmark_models.py)
 
@@ -136,29 +131,3 @@ def verify_export(path: Path, model: keras.Model, images: np.ndarray, atol: floa
         raise ExportError(f"exported SavedModel disagrees with the trained model (max |diff| {worst:.2e})")
     if not np.array_equal(exported.argmax(1), expected.argmax(1)):
         raise ExportError("exported SavedModel predicts different digits from the trained model")
-
-
-def publish(staging: Path, version: int | str) -> Path:
-    """Atomically rename a verified staging export to ``<base>/mnist/<version>``."""
-    final = staging.parent / str(version)
-    if final.exists():
-        raise ExportError(f"export {final} already exists; refusing to overwrite it")
-    staging.rename(final)
-    return final
-
-
-def discard(staging: Path) -> None:
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def unpublish(path: Path) -> None:
-    """Remove a published export again (the rollback when a later step of the commit fails)."""
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def staging_owner(staging: Path) -> tuple[str, str, str] | None:
-    """(host, pid, process start time) of the process that wrote a staging export, if its name says."""
-    parts = staging.name.split("-", 4)
-    if len(parts) != 5 or not parts[1].isdigit():
-        return None
-    return parts[4], parts[1], parts[2]

@@ -26,7 +26,7 @@ import numpy as np
 
 from contract import CHALLENGER, CHAMPION, TEST_ACCURACY_TAG, registry_uri
 from pipeline import data as data_module
-from pipeline import distributed, evaluate, export, recover, register, tracking
+from pipeline import distributed, evaluate, export, publish, recover, register, tracking
 from pipeline import feedback as feedback_module
 from pipeline.config import PipelineConfig
 from pipeline.gate import GateDecision, GateOutcome, gate_and_promote
@@ -196,7 +196,7 @@ def _export_and_commit(
         with stop.deferred(keep=True):
             version, export_path, outcome = _commit(cfg, info.model_uri, staging, evaluation, splits, result, say)
     finally:
-        export.discard(staging)  # a no-op once published
+        publish.discard(staging)  # a no-op once published
     decision = outcome.decision
     say(f"registered {cfg.registry.model_name} version {version} (alias {CHALLENGER})")
     say(f"gate: {'PROMOTED to ' + CHAMPION if decision.promote else 'not promoted'} — {decision.reason}")
@@ -240,8 +240,8 @@ def _commit(
         try:
             _step(say, "publish")
             mlflow.set_tag(recover.EXPORT_PATH_TAG, os.path.relpath(staging.parent / str(version), cfg.export.base_dir))
-            export_path = export.publish(staging, version)
-            undo.callback(export.unpublish, export_path)
+            export_path = publish.publish(staging, version)
+            undo.callback(publish.unpublish, export_path)
 
             _step(say, "gate")
             outcome = _gate(cfg, version, evaluation, splits, undo, say)

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from contract import CHAMPION, servable_dir
-from pipeline import export, gate, register, tracking
+from pipeline import gate, publish, register, tracking
 
 PREVIOUS_CHAMPION_TAG = "gate_previous_champion"
 EXPORT_PATH_TAG = "export_path"
@@ -121,7 +121,7 @@ def _remove_dead_staging(servable_dir: Path, stale_after_s: float) -> list[str]:
     if not servable_dir.is_dir():
         return fixes
     for staging in servable_dir.glob(".staging-*"):
-        owner = export.staging_owner(staging)
+        owner = publish.staging_owner(staging)
         if owner is not None and owner[0] == socket.gethostname():
             dead = tracking.process_alive(owner[0], owner[1], owner[2]) is False
         else:

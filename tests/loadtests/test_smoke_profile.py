@@ -20,13 +20,17 @@ def run_smoke(service: RunningService, out: Path, *python_args: str) -> subproce
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_smoke_profile_passes_against_the_real_service(trained_registry, tmp_path):
-    service = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
-    try:
-        assert service.process.poll() is None, service.log()[-3000:]
-        run = run_smoke(service, tmp_path)
-    finally:
-        stop_service(service)
+@pytest.fixture(scope="module")
+def service(trained_registry, tmp_path_factory):
+    """One service for both profiles: neither changes it."""
+    running = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path_factory.mktemp("smoke") / "service.log")
+    assert running.process.poll() is None, running.log()[-3000:]
+    yield running
+    stop_service(running)
+
+
+def test_smoke_profile_passes_against_the_real_service(service, tmp_path):
+    run = run_smoke(service, tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (report,) = [p for p in tmp_path.iterdir() if p.name.endswith("-smoke")]
     summary = json.loads((report / "summary.json").read_text())
@@ -36,15 +40,11 @@ def test_smoke_profile_passes_against_the_real_service(trained_registry, tmp_pat
     assert "gRPC" in (report / "locust_stats.csv").read_text()  # the gRPC user's calls are in the same report
 
 
-def test_a_broken_slo_fails_the_run_and_says_which(trained_registry, tmp_path):
-    service = start_service({**trained_registry.env, "MODEL_POLL_SECONDS": "0"}, tmp_path / "service.log")
+def test_a_broken_slo_fails_the_run_and_says_which(service, tmp_path):
     unmeetable = (
         "import sys, loadtests.run as r; p = r.load_profiles(); p['smoke']['slo']['min_rps'] = 10**9; "
         "r.load_profiles = lambda: p; sys.exit(r.main(sys.argv[1:]))"
     )
-    try:
-        run = run_smoke(service, tmp_path / "profiles", "-c", unmeetable)
-    finally:
-        stop_service(service)
+    run = run_smoke(service, tmp_path / "profiles", "-c", unmeetable)
     assert run.returncode == 1
     assert "SLO BROKEN: throughput" in run.stderr

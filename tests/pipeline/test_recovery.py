@@ -46,7 +46,7 @@ def _train_args(root: Path, *sets: str) -> list[str]:
 
 
 def _start(root: Path, pause_at: str | None, *sets: str) -> subprocess.Popen:
-    extra = {"PIPELINE_PAUSE_AT": pause_at, "PIPELINE_PAUSE_S": "8"} if pause_at else {}
+    extra = {"PIPELINE_PAUSE_AT": pause_at, "PIPELINE_PAUSE_S": "3"} if pause_at else {}
     return subprocess.Popen(
         [sys.executable, "-u", "-m", "pipeline", *_train_args(root, *sets)],
         cwd=root,
