@@ -37,7 +37,7 @@ from service.errors import (
     response_for,
 )
 from service.feedback import parse_feedback
-from service.inputs import parsed_json, pixels_from_image_bytes, pixels_from_json
+from service.inputs import parsed_json, pixels_from_image_bytes, pixels_from_json_body
 from service.metrics import feedback_received
 from service.rollout import CANARY_KEY, Rollout
 from service.runtime import ModelLoadError, Prediction, RegistryUnavailable, parse_registry_uri
@@ -155,8 +155,7 @@ def answers(prediction: Prediction) -> list[dict[str, Any]]:
 
 async def predict_json(body: bytes, core: ServingCore, max_images: int) -> tuple[Any, Prediction]:
     """``POST /predict``: a JSON body -> (the answer, the prediction it came from)."""
-    value = parsed_json(body)
-    prediction = await core.predict(pixels_from_json(value, max_images, "request body"), "http_json")
+    prediction = await core.predict(pixels_from_json_body(body, max_images, "request body"), "http_json")
     return answers(prediction), prediction
 
 

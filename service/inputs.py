@@ -34,6 +34,48 @@ def parsed_json(body: bytes) -> Any:
         raise InputError(f"malformed JSON: {exc}") from None
 
 
+_ROW_SKELETON = b"[" + b"," * (IMAGE_SHAPE[1] - 1) + b"]"
+_IMAGE_SKELETON = b"[" + b",".join([_ROW_SKELETON] * IMAGE_SHAPE[0]) + b"]"
+_NUMBER_BYTES = b"0123456789 \t\r\n"
+_BRACKETS_TO_SPACES = bytes.maketrans(b"[]", b"  ")
+_DIGITS = b"0123456789"
+
+
+def pixels_from_json_body(body: bytes, max_images: int, what: str = "input") -> np.ndarray:
+    """:func:`pixels_from_json` of a JSON body, the same array or the same error, parsed without
+    building Python lists when the body is plainly one image or a list of images of integers.
+
+    The common body is 784 integers in nested lists. ``orjson.loads`` builds 812 Python lists and ints
+    and ``np.asarray`` walks them back; here the body's bytes are checked against the exact
+    bracket-and-comma skeleton of N 28x28 images, with nothing else in between but digits and
+    whitespace, and the numbers are read by numpy's C text parser: 60 against 84 us for one image
+    (measured on a busy 2-core machine), a tenth of a worker's time per request. Anything else (floats,
+    negative numbers, other shapes, ``b64``, too many images, malformed JSON) takes the general path,
+    which gives the same answers and every error message."""
+    pixels = _plain_integer_images(body, max_images)
+    return pixels if pixels is not None else pixels_from_json(parsed_json(body), max_images, what)
+
+
+def _plain_integer_images(body: bytes, max_images: int) -> np.ndarray | None:
+    skeleton = body.translate(None, _NUMBER_BYTES)
+    if skeleton == _IMAGE_SKELETON:
+        count = 1
+    else:
+        count, extra = divmod(len(skeleton) - 1, len(_IMAGE_SKELETON) + 1)
+        if extra or not 1 <= count <= max_images or skeleton != b"[" + b",".join([_IMAGE_SKELETON] * count) + b"]":
+            return None
+    try:  # an empty field or two numbers in one raise ValueError (numpy >= 2.3)
+        values = np.fromstring(body.translate(_BRACKETS_TO_SPACES).decode("ascii"), dtype=np.int64, sep=",")
+    except ValueError:
+        return None
+    if values.size != count * IMAGE_SHAPE[0] * IMAGE_SHAPE[1] or values.max() > 255:
+        return None
+    digits = len(body) - len(body.translate(None, _DIGITS))
+    if digits != values.size + np.count_nonzero(values >= 10) + np.count_nonzero(values >= 100):  # 007 is not JSON
+        return None
+    return values.astype(np.uint8).reshape(count, *IMAGE_SHAPE)
+
+
 def pixels_from_json(value: Any, max_images: int, what: str = "input") -> np.ndarray:
     """One image (28x28 numbers 0-255), a list of images, or ``{"b64": ...}`` raw uint8 bytes."""
     if isinstance(value, dict) and set(value) == {"b64"}:

@@ -2,12 +2,16 @@
 
 import base64
 import io
+import json
 
 import numpy as np
+import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFont
 
-from service.inputs import InputError, pixels_from_image_bytes, pixels_from_json
+from service.inputs import InputError, parsed_json, pixels_from_image_bytes, pixels_from_json, pixels_from_json_body
 
 
 def png(array: np.ndarray, mode: str = "L") -> bytes:
@@ -93,3 +97,68 @@ def test_rendered_digit_is_scaled_to_20px_and_centred_by_mass():
 def test_bad_uploads(data, message):
     with pytest.raises(InputError, match=message):
         pixels_from_image_bytes(data)
+
+
+def _either(parse):
+    try:
+        return parse()
+    except InputError as exc:
+        return f"InputError: {exc}"
+
+
+def _assert_body_parses_as_json_would(body: bytes, max_images: int = 10) -> None:
+    """The body route (plain integers read straight from the bytes) answers exactly what parsing the
+    JSON and validating the lists answers: the same pixels, or the same error message."""
+    direct = _either(lambda: pixels_from_json_body(body, max_images, "request body"))
+    general = _either(lambda: pixels_from_json(parsed_json(body), max_images, "request body"))
+    if isinstance(general, str):
+        assert direct == general
+    else:
+        assert isinstance(direct, np.ndarray) and direct.dtype == np.uint8, direct
+        np.testing.assert_array_equal(direct, general)
+
+
+def _one_image_body(sample) -> bytes:
+    return orjson.dumps(sample["x_test"][0].tolist())
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda body: body,
+        lambda body: body.replace(b",", b", "),  # json.dumps's separators
+        lambda body: b" \n" + body.replace(b"],", b"],\n  ") + b"\n",  # pretty-printed
+        lambda body: body.replace(b"0,0", b"0 0,", 1),  # two numbers in one field
+        lambda body: body.replace(b",0,", b",007,", 1),  # a leading zero is not JSON
+        lambda body: body.replace(b",0,", b",,", 1),  # an empty field
+        lambda body: body.replace(b",0,", b",256,", 1),
+        lambda body: body.replace(b",0,", b",-1,", 1),
+        lambda body: body.replace(b",0,", b",1.0,", 1),  # an integral float: accepted, as before
+        lambda body: body.replace(b",0,", b",1.5,", 1),
+        lambda body: body.replace(b",0,", b",99999999999999999999999,", 1),
+        lambda body: body.replace(b",0,", b",true,", 1),
+        lambda body: body + b"x",
+        lambda body: body[:-1],
+        lambda body: body.replace(b"],[", b",", 1),  # a row too long and one too few
+        lambda body: b"[" + b",".join([body] * 3) + b"]",  # three images
+        lambda body: b"[" + b",".join([body] * 11) + b"]",  # over the request's image limit
+        lambda body: b"[" + body + b",[]]",
+        lambda body: b"[]",
+    ],
+)
+def test_a_json_body_gives_what_the_json_parser_and_validation_give(sample, edit):
+    _assert_body_parses_as_json_would(edit(_one_image_body(sample)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    images=st.integers(0, 3),
+    value=st.integers(-3, 300),
+    position=st.integers(0, 3 * 784 - 1),
+    spaced=st.booleans(),
+)
+def test_any_small_integer_body_gives_what_the_json_parser_gives(sample, images, value, position, spaced):
+    pixels = sample["x_test"][: max(images, 1)].astype(np.int64)
+    pixels.flat[position % pixels.size] = value
+    body = json.dumps(pixels[0].tolist() if images == 0 else pixels.tolist(), separators=(", ", ": ") if spaced else (",", ":"))
+    _assert_body_parses_as_json_would(body.encode())
