@@ -52,13 +52,16 @@ def pixels_from_json_body(body: bytes, max_images: int, what: str = "input") -> 
     (measured on a busy 2-core machine), a tenth of a worker's time per request. Anything else (floats,
     negative numbers, other shapes, ``b64``, too many images, malformed JSON) takes the general path,
     which gives the same answers and every error message."""
-    pixels = _plain_integer_images(body, max_images)
+    pixels = plain_integer_images(body, max_images)
     return pixels if pixels is not None else pixels_from_json(parsed_json(body), max_images, what)
 
 
-def _plain_integer_images(body: bytes, max_images: int) -> np.ndarray | None:
+def plain_integer_images(body: bytes, max_images: int, list_only: bool = False) -> np.ndarray | None:
+    """The uint8 ``[N, 28, 28]`` pixels of a JSON array of 1..``max_images`` 28x28 images of integers
+    0-255 (or of one 28x28 image, unless ``list_only``), read without a JSON parser; None for any other
+    body, valid or not, which the caller then parses as JSON."""
     skeleton = body.translate(None, _NUMBER_BYTES)
-    if skeleton == _IMAGE_SKELETON:
+    if skeleton == _IMAGE_SKELETON and not list_only:
         count = 1
     else:
         count, extra = divmod(len(skeleton) - 1, len(_IMAGE_SKELETON) + 1)

@@ -19,7 +19,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 from contract import IMAGE_SHAPE, SIGNATURE
 from contract import SERVABLE_NAME as MODEL_NAME
 from service.errors import InputError, NotFound, SignatureNotFound
-from service.inputs import checked_pixels, parsed_json, pixels_from_json
+from service.inputs import checked_pixels, parsed_json, pixels_from_json, plain_integer_images
 from service.runtime import ModelInfo, Prediction
 
 INPUT_NAME = SIGNATURE.input
@@ -71,6 +71,9 @@ def version_for_label(label: str, serving: ModelInfo) -> str:
 
 def parse_rest_predict(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
     """A REST predict body -> (uint8 pixels ``[N, 28, 28]``, whether the request was columnar)."""
+    pixels = _plain_instances(body, max_images)
+    if pixels is not None:
+        return pixels, False
     request = parsed_json(body)
     if not isinstance(request, dict):
         raise InputError('request body must be a JSON object with "instances" or "inputs"')
@@ -100,6 +103,18 @@ def parse_rest_predict(body: bytes, max_images: int) -> tuple[np.ndarray, bool]:
             raise InputError(f'"inputs" object must have exactly the key "{INPUT_NAME}"')
         inputs = inputs[INPUT_NAME]
     return pixels_from_json(inputs, max_images, "inputs"), True
+
+
+def _plain_instances(body: bytes, max_images: int) -> np.ndarray | None:
+    """``{"instances": [image, ...]}`` with plain integer images, read without a JSON parser
+    (:func:`service.inputs.plain_integer_images`); None for any other body."""
+    head, bracket, rest = body.partition(b"[")
+    if head.translate(None, b" \t\r\n") != b'{"instances":':
+        return None
+    rest = rest.rstrip()
+    if not rest.endswith(b"}"):
+        return None
+    return plain_integer_images(bracket + rest[:-1], max_images, list_only=True)
 
 
 def rest_predict_response(prediction: Prediction, columnar: bool) -> dict[str, Any]:

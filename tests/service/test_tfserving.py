@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import numpy as np
 import orjson
@@ -97,6 +99,40 @@ def test_rest_row_and_columnar_formats(sample):
     columns, columnar = tfserving.parse_rest_predict(orjson.dumps({"inputs": {"pixels": images.tolist()}}), 10)
     assert columnar
     np.testing.assert_array_equal(columns, images)
+
+
+def _parsed(body: bytes):
+    try:
+        return tfserving.parse_rest_predict(body, 10)
+    except InputError as exc:
+        return f"InputError: {exc}"
+
+
+@pytest.mark.parametrize(
+    "instances",
+    [
+        b"[IMAGE]",
+        b"[IMAGE, IMAGE, IMAGE]",
+        b"IMAGE",  # one image, not a list of them
+        b"[" + b"IMAGE," * 11 + b"IMAGE]",  # over the limit
+        b"[IMAGE,]",
+        b"[IMAGE] }",
+        b"[]",
+    ],
+)
+def test_plain_instances_read_from_the_bytes_give_what_the_json_path_gives(sample, instances):
+    """``{"instances": [...]}`` of plain integer images skips the JSON parser; the same body with a
+    (default) ``signature_name`` key cannot, so the two must agree, pixels or error."""
+    body = b'{"instances": ' + instances.replace(b"IMAGE", orjson.dumps(sample["x_test"][0].tolist())) + b"}"
+    general = body.replace(b'{"instances"', b'{"signature_name": "serving_default", "instances"')
+    direct, expected = _parsed(body), _parsed(general)
+    if isinstance(expected, str):  # the same error; where it is in the (longer) general body differs
+        assert isinstance(direct, str) and re.sub(r"line \d+ column \d+ \(char \d+\)", "", direct) == re.sub(
+            r"line \d+ column \d+ \(char \d+\)", "", expected
+        )
+    else:
+        np.testing.assert_array_equal(direct[0], expected[0])
+        assert direct[1] is expected[1] is False
 
 
 @pytest.mark.parametrize(
