@@ -12,16 +12,13 @@ import quiet
 from contract import CHAMPION, REGISTERED_MODEL, registry_uri
 
 DEFAULT_CONFIG = "champion"
-NEEDS_TENSORFLOW = frozenset({"train", "evaluate", "tune"})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    # Heavy imports after parsing, so --help and usage errors answer at once; TensorFlow only for the
-    # commands that run a model (10 s of CPU on 2 cores: promote and recover need only MLflow).
-    if args.command in NEEDS_TENSORFLOW:
-        quiet.import_tensorflow()
+    # Heavy imports after parsing, so --help and usage errors answer at once. TensorFlow (10 s of CPU
+    # on 2 cores) only in the commands that run a model, after their configs are checked.
     from mlflow.exceptions import MlflowException
 
     from pipeline.distributed import WorkerFailed
@@ -214,12 +211,14 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline import distributed
     from pipeline.config import load_config
     from pipeline.data import resolve_spec
-    from pipeline.job import run_training, run_worker
     from pipeline.stop import StopSignals
 
     stop = StopSignals().install()  # SIGTERM as Ctrl-C, and neither inside the commit
     cfg = load_config(args.config, args.overrides)
     spec = resolve_spec(args.data, cfg.data.source, cfg.data.path)
+    quiet.import_tensorflow()
+    from pipeline.job import run_training, run_worker
+
     if cfg.training.strategy == "multi_worker" and not (cluster := distributed.cluster_from_env()).is_chief:
         trained = run_worker(cfg, spec)
         print(json.dumps({"task": cluster.task, "role": "worker", "epochs_run": trained.epochs_run}))
@@ -247,6 +246,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    quiet.import_tensorflow()
     from pipeline import data, evaluate, tracking
 
     tracking.require_existing_store()
@@ -269,7 +269,6 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from pipeline import tune
     from pipeline.config import load_config, override_values
     from pipeline.data import resolve_spec
     from pipeline.errors import ConfigError
@@ -286,6 +285,9 @@ def _tune(args: argparse.Namespace) -> int:
         space = space.without(fixed)
         print(f"fixed for every trial (--set), not searched: {', '.join(f'{k}={v}' for k, v in fixed.items())}")
     space.check_against(config, args.overrides)
+    quiet.import_tensorflow()
+    from pipeline import tune
+
     study = tune.StudyPlan(
         name=args.study or space.path.stem,
         storage=args.storage or tune.default_storage(),
