@@ -5,8 +5,7 @@ time, and a second pool only adds contention) and as many intra-op threads as th
 even with several workers: one worker's model call mostly runs while the others parse JSON, and
 splitting the cores (cores / workers each) was slower — measured with two workers on 2 cores
 (docs/performance.md, "Threads"). ``TF_INTRA_OP_THREADS`` / ``TF_INTER_OP_THREADS`` override it. They
-must be set before TensorFlow runs its first op (:func:`configure_threads`, called at import of the
-service).
+must be set before TensorFlow runs its first op (:func:`configure_threads`, called as a worker starts).
 
 Precision. ``MODEL_PRECISION=fp32`` (default) runs the export as it is. ``bf16`` asks oneDNN to run it in
 bfloat16 (TensorFlow's ``auto_mixed_precision_onednn_bfloat16`` graph rewrite), ``auto`` does so only
@@ -57,14 +56,18 @@ def thread_counts(cores: int, intra: int | None = None, inter: int | None = None
     return intra or max(1, cores), inter or 1
 
 
-def configure_threads() -> tuple[int, int]:
-    """Set TensorFlow's thread pools for this worker (before its first op); returns (intra, inter)."""
+def threads_from_env() -> tuple[int, int]:
+    """(intra-op, inter-op) threads for a worker here, ``TF_INTRA_OP_THREADS``/``TF_INTER_OP_THREADS``
+    overriding; a value that is not a whole number >= 1 is a configuration error."""
+    return thread_counts(usable_cores(), _env_int("TF_INTRA_OP_THREADS"), _env_int("TF_INTER_OP_THREADS"))
+
+
+def configure_threads(intra: int, inter: int) -> None:
+    """Set TensorFlow's thread pools for this worker (before its first op)."""
     import tensorflow as tf
 
-    intra, inter = thread_counts(usable_cores(), _env_int("TF_INTRA_OP_THREADS"), _env_int("TF_INTER_OP_THREADS"))
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(inter)
-    return intra, inter
 
 
 def cpu_has_bf16(cpuinfo: Path | None = None) -> bool:

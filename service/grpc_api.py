@@ -39,7 +39,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from service import open_inference, tfserving
+from service import open_inference, tfserving, tfserving_grpc
 from service.core import ServingCore
 from service.errors import ClientErrorLog, ServiceError
 from service.metrics import GrpcMethodMetrics
@@ -147,12 +147,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> predict_pb2.PredictResponse:
         async def work() -> predict_pb2.PredictResponse:
-            version = tfserving.requested_version(request.model_spec, self.core.model().info)
+            version = tfserving_grpc.requested_version(request.model_spec, self.core.model().info)
             self.core.model(version)
-            pixels = tfserving.pixels_from_predict_request(request, self.max_images)
+            pixels = tfserving_grpc.pixels_from_predict_request(request, self.max_images)
             with _canary_key(context):
                 prediction = await self.core.predict(pixels, "grpc", version)
-            return tfserving.predict_response(prediction, request)
+            return tfserving_grpc.predict_response(prediction, request)
 
         return await _answer(context, "Predict", work)
 
@@ -160,8 +160,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         async def work() -> get_model_metadata_pb2.GetModelMetadataResponse:
-            served = self.core.model(tfserving.requested_version(request.model_spec, self.core.model().info))
-            return tfserving.metadata_response(request, served.info.version, served.signature_defs)
+            served = self.core.model(tfserving_grpc.requested_version(request.model_spec, self.core.model().info))
+            return tfserving_grpc.metadata_response(request, served.info.version, served.signature_defs)
 
         return await _answer(context, "GetModelMetadata", work)
 
@@ -174,8 +174,8 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext
     ) -> get_model_status_pb2.GetModelStatusResponse:
         async def work() -> get_model_status_pb2.GetModelStatusResponse:
-            served = self.core.model(tfserving.requested_version(request.model_spec, self.core.model().info))
-            return tfserving.status_response(served.info.version)
+            served = self.core.model(tfserving_grpc.requested_version(request.model_spec, self.core.model().info))
+            return tfserving_grpc.status_response(served.info.version)
 
         return await _answer(context, "GetModelStatus", work)
 

@@ -18,38 +18,39 @@ from pathlib import Path
 import bentoml
 
 import quiet
-
-quiet.import_tensorflow()  # before anything else imports it: without its start-up noise
-from service import compute, edge, framework_patches, http  # noqa: E402
-from service.bentoml_api import RequestLimits, predict_api  # noqa: E402
-from service.core import ServingCore  # noqa: E402
-from service.errors import ClientErrorLog, ThrottledMessage  # noqa: E402
-from service.feedback import FeedbackStore  # noqa: E402
-from service.grpc_api import GrpcFront  # noqa: E402
-from service.metrics import (  # noqa: E402
+from service import compute, edge, framework_patches, http
+from service.bentoml_api import RequestLimits, predict_api
+from service.core import ServingCore
+from service.errors import ClientErrorLog, ThrottledMessage
+from service.feedback import FeedbackStore
+from service.metrics import (
     ChallengerObserver,
     PrometheusBatchObserver,
     ShadowMetrics,
     challenger_switched,
     model_switched,
 )
-from service.rollout import Rollout  # noqa: E402
-from service.runtime import ModelLoadError, ModelRuntime  # noqa: E402
-from service.settings import SETTINGS  # noqa: E402
-from service.webhooks import SiblingReloads, WebhookVerifier  # noqa: E402
+from service.rollout import Rollout
+from service.runtime import ModelLoadError, ModelRuntime
+from service.settings import SETTINGS
+from service.webhooks import SiblingReloads, WebhookVerifier
 
 logger = logging.getLogger("digits")
 # Whose X-Forwarded-For uvicorn believes (it sets each request's client address, which the admin
 # failed-attempt limit counts by): only TRUSTED_PROXIES', not uvicorn's default of loopback, which let
 # any local client pick its own address.
 os.environ["FORWARDED_ALLOW_IPS"] = SETTINGS.trusted_proxies
-THREADS = compute.configure_threads()  # before TensorFlow runs its first op
+THREADS = compute.threads_from_env()  # checked here, so a bad value stops the server before any worker
 
 
 @bentoml.asgi_app(http.app, path="/")
 @bentoml.service(name="digits", **SETTINGS.bentoml_config())
 class Digits:
     def __init__(self) -> None:
+        # Only workers build this class: BentoML's main process imports this module to read the
+        # declarations and never serves, so it does without TensorFlow (~10 s of CPU and ~0.4 GB).
+        quiet.import_tensorflow()  # before anything else imports it: without its start-up noise
+        compute.configure_threads(*THREADS)  # before TensorFlow runs its first op
         runtime = ModelRuntime(
             SETTINGS.model_uri,
             SETTINGS.tracking_uri,
@@ -89,11 +90,11 @@ class Digits:
             siblings = SiblingReloads()
             siblings.watch(self._reload_all)
             http.app.state.webhooks = (WebhookVerifier(SETTINGS.webhook_secret), siblings)
-        self.grpc = (
-            GrpcFront(self.core, SETTINGS.grpc_port, SETTINGS.max_images_per_request, SETTINGS.grpc_max_message_bytes)
-            if SETTINGS.grpc_port
-            else None
-        )
+        self.grpc = None
+        if SETTINGS.grpc_port:
+            from service.grpc_api import GrpcFront  # its TF Serving messages import TensorFlow: workers only
+
+            self.grpc = GrpcFront(self.core, SETTINGS.grpc_port, SETTINGS.max_images_per_request, SETTINGS.grpc_max_message_bytes)
         # TensorFlow, MLflow and BentoML leave ~0.5 M long-lived objects; a full collection walks them
         # all (~200 ms, measured), a stall every few seconds under load. Freezing them keeps the
         # collector to what requests allocate.

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 import requests
 from PIL import Image
@@ -40,6 +41,19 @@ def test_health_and_model_info(service, trained_registry):
     assert info["run_id"] and info["loaded_at"] and 0 < info["test_accuracy"] <= 1
     spec = requests.get(f"{service.url}/docs.json", timeout=10).json()
     assert {"/predict", "/predict_image", "/model"} <= set(spec["paths"])
+
+
+def test_only_the_workers_load_tensorflow(service):
+    """BentoML's main process imports the service to read it but never serves: without TensorFlow it
+    starts the workers ~7 s sooner. Judged by what each process has mapped, not by what it says."""
+
+    def loads_tensorflow(process: psutil.Process) -> bool:
+        return any("_pywrap_tensorflow_internal" in mapped.path for mapped in process.memory_maps())
+
+    main = psutil.Process(service.process.pid)
+    workers = main.children(recursive=True)
+    assert workers and all(loads_tensorflow(worker) for worker in workers), [w.cmdline() for w in workers]
+    assert not loads_tensorflow(main)
 
 
 def test_predict_one_image_and_a_list_equal_the_savedmodel(service, trained_registry, sample):

@@ -1,4 +1,4 @@
-"""TensorFlow Serving protocol conversions in-process: requests in, answers out, typed errors."""
+"""TensorFlow Serving protocol conversions (REST and gRPC) in-process: requests in, answers out, typed errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2
 
-from service import tfserving
+from service import tfserving, tfserving_grpc
 from service.errors import InputError, NotFound, SignatureNotFound
 from service.runtime import ModelInfo, Prediction
 from tests.service.helpers import predict_request
@@ -26,25 +26,25 @@ def test_predict_request_pixels_in_every_accepted_form(sample):
         predict_request(images[..., None].astype(np.float32)),
         predict_request(images.astype(np.int64)),
     ):
-        np.testing.assert_array_equal(tfserving.pixels_from_predict_request(request, 10), images)
+        np.testing.assert_array_equal(tfserving_grpc.pixels_from_predict_request(request, 10), images)
     values_not_content = predict_request(images)
     tensor = values_not_content.inputs["pixels"]
     tensor.int_val.extend(images.ravel().tolist())
     tensor.tensor_content = b""
-    np.testing.assert_array_equal(tfserving.pixels_from_predict_request(values_not_content, 10), images)
+    np.testing.assert_array_equal(tfserving_grpc.pixels_from_predict_request(values_not_content, 10), images)
 
 
 def test_a_tensor_whose_values_do_not_fill_its_shape_is_refused():
     request = predict_request(np.zeros((2, 28, 28), np.uint8))
     request.inputs["pixels"].tensor_content = b"\x00" * 784
     with pytest.raises(InputError, match="number of values"):
-        tfserving.pixels_from_predict_request(request, 10)
+        tfserving_grpc.pixels_from_predict_request(request, 10)
 
 
 def test_predict_response_round_trips_through_tensorflow():
     probabilities = np.random.default_rng(0).random((2, 10), dtype=np.float32)
     prediction = Prediction(probabilities, probabilities.argmax(1), INFO)
-    response = tfserving.predict_response(prediction, predict_request(np.zeros((2, 28, 28), np.uint8)))
+    response = tfserving_grpc.predict_response(prediction, predict_request(np.zeros((2, 28, 28), np.uint8)))
     np.testing.assert_array_equal(tf.make_ndarray(response.outputs["probabilities"]), probabilities)
     assert tf.make_ndarray(response.outputs["digit"]).tolist() == probabilities.argmax(1).tolist()
     assert (response.model_spec.name, response.model_spec.version.value) == ("mnist", 4)
@@ -55,7 +55,7 @@ def test_predict_response_fills_the_typed_fields_tf_serving_clients_read():
     default); an answer only in ``tensor_content`` reads as an empty list there."""
     probabilities = np.random.default_rng(1).random((3, 10), dtype=np.float32)
     prediction = Prediction(probabilities, probabilities.argmax(1), INFO)
-    response = tfserving.predict_response(prediction, predict_request(np.zeros((3, 28, 28), np.uint8)))
+    response = tfserving_grpc.predict_response(prediction, predict_request(np.zeros((3, 28, 28), np.uint8)))
     np.testing.assert_array_equal(np.array(response.outputs["probabilities"].float_val, np.float32), probabilities.ravel())
     assert list(response.outputs["digit"].int64_val) == probabilities.argmax(1).tolist()
     assert not response.outputs["probabilities"].tensor_content and not response.outputs["digit"].tensor_content
@@ -70,13 +70,13 @@ def test_predict_response_fills_the_typed_fields_tf_serving_clients_read():
     ],
 )
 def test_model_spec_resolution(spec, result):
-    assert tfserving.requested_version(model_pb2.ModelSpec(**spec), INFO) == result
+    assert tfserving_grpc.requested_version(model_pb2.ModelSpec(**spec), INFO) == result
 
 
 def test_model_spec_pinning_a_version():
     spec = model_pb2.ModelSpec(name="mnist")
     spec.version.value = 3
-    assert tfserving.requested_version(spec, INFO) == "3"
+    assert tfserving_grpc.requested_version(spec, INFO) == "3"
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_model_spec_pinning_a_version():
 )
 def test_unknown_model_is_not_found_and_unknown_signature_a_failed_precondition(spec, error):
     with pytest.raises(error) as raised:
-        tfserving.requested_version(model_pb2.ModelSpec(**spec), INFO)
+        tfserving_grpc.requested_version(model_pb2.ModelSpec(**spec), INFO)
     expected = grpc.StatusCode.NOT_FOUND if error is NotFound else grpc.StatusCode.FAILED_PRECONDITION
     assert raised.value.grpc_code == expected
 
@@ -168,5 +168,5 @@ def test_model_paths():
 def test_an_unknown_version_label_is_invalid_argument_as_in_tf_serving():
     spec = model_pb2.ModelSpec(name="mnist", version_label="canary")
     with pytest.raises(InputError, match="Unrecognized servable version label: canary"):
-        tfserving.requested_version(spec, INFO)
+        tfserving_grpc.requested_version(spec, INFO)
     assert tfserving.version_for_label("champion", INFO) == INFO.version
