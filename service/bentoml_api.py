@@ -2,7 +2,7 @@
 (``bentoml.SyncHTTPClient``/``AsyncHTTPClient``) see, and, with ``BATCHER=bentoml``, ``/predict`` through
 BentoML's adaptive batcher, kept to compare with the runtime batcher (see docs/service.md, `BATCHER`).
 
-By default the declaration only describes ``POST /predict``: :class:`service.http.HotRoutes` answers the
+By default the declaration only describes ``POST /predict``: :class:`service.hot_path.HotRoutes` answers the
 route before BentoML's router (the body is the API's root input, so a BentoML client's request is the
 same JSON), and the method itself, if ever reached, goes through the serving core like every route.
 
@@ -25,7 +25,7 @@ import orjson
 from pydantic import PlainValidator, ValidationError, WithJsonSchema
 
 from service.errors import error_body
-from service.http import answers
+from service.hot_path import answers
 from service.inputs import pixels_from_json
 from service.metrics import batch_images
 

@@ -2,8 +2,9 @@
 
     bentoml serve service:Digits --port 3000        (from the repo root; settings in docs/service.md)
 
-Routes live in :mod:`service.http` and :mod:`service.grpc_api`; both call :class:`ServingCore`, whose
-batcher lets requests from every route share model calls.
+Routes live in :mod:`service.http` (with :mod:`service.admin`, and :mod:`service.hot_path` answering
+the prediction routes before any router) and :mod:`service.grpc_api`; all call :class:`ServingCore`,
+whose batcher lets requests from every route share model calls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import bentoml
 
 import quiet
-from service import compute, edge, framework_patches, http
+from service import admin, compute, edge, framework_patches, hot_path, http
 from service.bentoml_api import RequestLimits, predict_api
 from service.core import ServingCore
 from service.errors import ClientErrorLog, ThrottledMessage
@@ -41,6 +42,9 @@ logger = logging.getLogger("digits")
 # any local client pick its own address.
 os.environ["FORWARDED_ALLOW_IPS"] = SETTINGS.trusted_proxies
 THREADS = compute.threads_from_env()  # checked here, so a bad value stops the server before any worker
+
+
+admin.add_routes(http.app)
 
 
 @bentoml.asgi_app(http.app, path="/")
@@ -180,7 +184,7 @@ Digits.add_asgi_middleware(
     routes=lambda: edge.RouteTable(http.app.routes),
 )
 if SETTINGS.batcher == "bentoml":
-    Digits.add_asgi_middleware(http.HotRoutes, skip=("/predict",))
+    Digits.add_asgi_middleware(hot_path.HotRoutes, state=http.app.state, skip=("/predict",))
     Digits.add_asgi_middleware(RequestLimits, max_body_bytes=SETTINGS.max_body_bytes)
 else:
-    Digits.add_asgi_middleware(http.HotRoutes)
+    Digits.add_asgi_middleware(hot_path.HotRoutes, state=http.app.state)

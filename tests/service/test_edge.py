@@ -9,9 +9,9 @@ import time
 import pytest
 
 from service import http
+from service.admin import FailedAttempts
 from service.edge import Edge, EdgeLimits, RouteTable
 from service.errors import ClientErrorLog, ThrottledMessage
-from service.http import FailedAttempts
 
 
 @pytest.fixture(scope="module")
