@@ -1,10 +1,12 @@
-"""Every place the service changes BentoML's or uvicorn's behaviour, in one room, each with its reason.
+"""Every place the service changes BentoML's, uvicorn's or TensorFlow's behaviour, in one room, each
+with its reason.
 
 Each patch names the framework attribute it replaces and the version it was written against
 (:data:`PATCHED`); ``tests/service/test_framework_patches.py`` fails, naming the patch, when one of
 those attributes is gone, so an upgrade that moves them is caught in seconds rather than as a quiet
-loss of the behaviour. :func:`install` applies them all; it is called once, when ``service.service``
-is imported (in BentoML's main process and in each worker, before the ASGI app is built).
+loss of the behaviour. :func:`install` applies the server's patches; it is called once, when
+``service.service`` is imported (in BentoML's main process and in each worker, before the ASGI app is
+built). :func:`import_tensorflow_without_keras` runs as each worker starts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from typing import Any
 
 import bentoml
 import uvicorn
+
+import quiet
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ PATCHED = (
         "tensorflow 2.21",
     ),
 )
+# What TensorFlow's __init__ imports "so that ... registration of optimizers in the SavedModel registry"
+# happens; it tolerates an ImportError there (tensorflow 2.21: a try/except around the import)
+KERAS_EAGER_IMPORT = "keras.src.optimizers"
 # BentoML serves its docs page's files from here; the edge lists them as known paths
 BENTOML_STATIC = Path(bentoml.__file__).parent / "_internal" / "server" / "static_content"
 
@@ -70,6 +78,30 @@ def install(client_header_timeout_s: float, workers: int) -> None:
     install_header_timeout(client_header_timeout_s)
     if workers > 1:
         listen_per_worker()
+
+
+# -- TensorFlow without Keras ----------------------------------------------------------------------
+
+
+def import_tensorflow_without_keras() -> None:
+    """Import TensorFlow (quietly, :func:`quiet.import_tensorflow`) without the Keras it pulls in.
+
+    ``import tensorflow`` imports all of Keras (``keras.src.optimizers``, and through Keras's wrappers
+    scikit-learn and SciPy): 3.3 s of the 9.3-9.6 s a worker spent importing TensorFlow and loading its
+    SavedModel, which took 6.0 s without it (measured on 2 cores). A worker only loads SavedModels and
+    calls their signature, which needs none of it. Keras stays importable afterwards; only this import is
+    skipped. Written for tensorflow 2.21 (its ``__init__`` passes over an ImportError of
+    :data:`KERAS_EAGER_IMPORT`); ``tests/service/test_framework_patches.py`` fails when it stops working.
+    """
+    if "keras" in sys.modules:  # already imported (in-process tests): nothing left to save
+        quiet.import_tensorflow()
+        return
+    sys.modules[KERAS_EAGER_IMPORT] = None  # type: ignore[assignment]  # makes that import raise ImportError
+    try:
+        quiet.import_tensorflow()
+    finally:
+        if sys.modules.get(KERAS_EAGER_IMPORT, 0) is None:
+            del sys.modules[KERAS_EAGER_IMPORT]
 
 
 # -- the request deadline --------------------------------------------------------------------------

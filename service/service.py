@@ -18,7 +18,6 @@ from pathlib import Path
 
 import bentoml
 
-import quiet
 from service import admin, compute, edge, framework_patches, hot_path, http
 from service.bentoml_api import RequestLimits, predict_api
 from service.core import ServingCore
@@ -53,7 +52,7 @@ class Digits:
     def __init__(self) -> None:
         # Only workers build this class: BentoML's main process imports this module to read the
         # declarations and never serves, so it does without TensorFlow (~10 s of CPU and ~0.4 GB).
-        quiet.import_tensorflow()  # before anything else imports it: without its start-up noise
+        framework_patches.import_tensorflow_without_keras()  # before anything else imports it, quietly
         compute.configure_threads(*THREADS)  # before TensorFlow runs its first op
         runtime = ModelRuntime(
             SETTINGS.model_uri,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +22,32 @@ def test_every_patched_framework_attribute_still_exists(patch):
         resolve(patch)
     except (ImportError, AttributeError) as exc:
         pytest.fail(f"patch {patch.name!r} ({patch.written_for}): {patch.module}.{patch.attribute} is gone: {exc}")
+
+
+def test_a_worker_imports_tensorflow_without_keras_and_still_runs_a_savedmodel(tmp_path):
+    """In a fresh interpreter, as a worker starts: TensorFlow works (a SavedModel saves, loads and
+    answers), neither Keras nor scikit-learn is imported, and Keras can still be imported after."""
+    script = f"""
+import sys
+from service.framework_patches import import_tensorflow_without_keras
+import_tensorflow_without_keras()
+import tensorflow as tf
+skipped = [name for name in ("keras", "sklearn") if name not in sys.modules]
+
+class Double(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+    def __call__(self, x):
+        return 2 * x
+
+tf.saved_model.save(Double(), {str(tmp_path / "double")!r})
+answer = tf.saved_model.load({str(tmp_path / "double")!r})(tf.constant([1.5])).numpy().tolist()
+import keras
+print(skipped, answer, keras.__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    patch = "TensorFlow imported without Keras (framework_patches.import_tensorflow_without_keras)"
+    assert done.returncode == 0, f"{patch} broke the import: {done.stderr[-2000:]}"
+    assert done.stdout.split("\n")[-2] == "['keras', 'sklearn'] [3.0] keras", f"{patch} no longer works: {done.stdout}"
 
 
 def test_bentoml_static_content_is_where_the_edge_looks():
