@@ -1,10 +1,10 @@
 """Serving benchmark: HTTP JSON, TF Serving and V2 REST and gRPC, closed and open loop (a script, not a test).
 
-    python scripts/benchmark_serving.py --model-uri exports/mnist [--duration 15] [--designs runtime,bentoml]
+    python scripts/benchmark_serving.py --model-uri exports/mnist [--duration 15]
                                         [--workers 1,2] [--repeats 3] [--protocol-repeats 1]
                                         [--open-loop 1000,2000] [--mlflow URI]
 
-Starts ``bentoml serve service:Digits`` on free loopback ports for each design (``BATCHER``) and worker
+Starts ``bentoml serve service:Digits`` on free loopback ports for each worker
 count, with Prometheus metrics and readiness on as always, and drives it with C load generators that
 share the machine and whose own CPU is reported:
 - closed loop: ``wrk`` (Debian ``wrk``), 64 connections of single-image requests on ``/predict``,
@@ -243,7 +243,6 @@ def show(row: dict) -> dict:
 
 def bench_service(
     model_uri: str,
-    design: str,
     workers: int,
     args: argparse.Namespace,
     bodies: dict[str, Path],
@@ -253,7 +252,6 @@ def bench_service(
     grpc_port = free_port()
     env = {
         "MODEL_URI": model_uri,
-        "BATCHER": design,
         "SERVICE_WORKERS": str(workers),
         "MODEL_POLL_SECONDS": "0",
         "GRPC_PORT": str(grpc_port),
@@ -262,12 +260,12 @@ def bench_service(
     if args.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = args.tracking_uri
     env.update(dict(setting.split("=", 1) for setting in args.env))
-    service = start_service(env, workdir / f"service-{design}-{workers}.log")
+    service = start_service(env, workdir / f"service-{workers}.log")
     rows = []
     try:
         if service.process.poll() is not None:
             raise SystemExit(f"service did not start:\n{service.log()[-2000:]}")
-        label = f"{design} batcher, {workers} worker{'s' if workers > 1 else ''}"
+        label = f"service, {workers} worker{'s' if workers > 1 else ''}"
         for repeat in range(args.repeats):
             rows.append(
                 show(
@@ -306,27 +304,26 @@ def bench_service(
                 right = right_before and grpc_answers_right(target, *sample, protocol=protocol)
                 row = {"server": label, "route": route, "load": "64 conns", "repeat": repeat + 1, **result}
                 rows.append(show({**row, "checked_right": right}))
-        if design == "runtime":
-            for rate in args.open_loop:
-                rows.append(
-                    show(
-                        {
-                            "server": label,
-                            "route": "/predict",
-                            "load": f"open loop {rate}/s",
-                            "repeat": 1,
-                            **h2load(
-                                f"{service.url}/predict",
-                                bodies["json"],
-                                headers=["content-type: application/json"],
-                                h1=True,
-                                workdir=workdir,
-                                duration=args.duration,
-                                rate=rate,
-                            ),
-                        }
-                    )
+        for rate in args.open_loop:
+            rows.append(
+                show(
+                    {
+                        "server": label,
+                        "route": "/predict",
+                        "load": f"open loop {rate}/s",
+                        "repeat": 1,
+                        **h2load(
+                            f"{service.url}/predict",
+                            bodies["json"],
+                            headers=["content-type: application/json"],
+                            h1=True,
+                            workdir=workdir,
+                            duration=args.duration,
+                            rate=rate,
+                        ),
+                    }
                 )
+            )
     finally:
         stop_service(service)
     return rows
@@ -372,11 +369,7 @@ def compare_with_reference(rows: list[dict]) -> None:
     """Service / reference ratios for each worker count (targets, issue 20: throughput >= 0.95x with the
     champion, >= 0.8x with the seed; p99 <= 1.5x; CPU per request <= 1.2x)."""
     for workers in sorted({r["server"].split(", ")[-1] for r in rows if r["server"].startswith("reference")}):
-        ours = [
-            r
-            for r in rows
-            if r["server"] == f"runtime batcher, {workers}" and r["load"] == "64 conns" and r["route"] == "/predict"
-        ]
+        ours = [r for r in rows if r["server"] == f"service, {workers}" and r["load"] == "64 conns" and r["route"] == "/predict"]
         reference = [r for r in rows if r["server"] == f"reference, {workers}" and r["load"] == "64 conns"]
         if not ours or not reference:
             continue
@@ -422,7 +415,6 @@ def main() -> None:
     parser.add_argument("--model-uri", required=True)
     parser.add_argument("--tracking-uri", help="MLFLOW_TRACKING_URI for a models:/ URI")
     parser.add_argument("--duration", type=int, default=15)
-    parser.add_argument("--designs", default="runtime,bentoml")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--repeats", type=int, default=3, help="closed-loop /predict runs per server, for the spread")
     parser.add_argument("--open-loop", default="1000,2000", help="open-loop rates in requests/s ('' for none)")
@@ -467,10 +459,9 @@ def main() -> None:
             json.dumps(np.resize(images, (max(args.bulk, 1), *images.shape[1:])).tolist(), separators=(",", ":"))
         )
         print("| server | route | load | run | req/s | p50 ms | p99 ms | errors | generator CPU (cores) |", flush=True)
-        for design in filter(None, args.designs.split(",")):
-            for workers in (int(w) for w in args.workers.split(",")):
-                print(f"== {design} batcher, {workers} worker(s)", file=sys.stderr, flush=True)
-                rows += bench_service(args.model_uri, design, workers, args, bodies, (images, labels), workdir)
+        for workers in (int(w) for w in args.workers.split(",")):
+            print(f"== service, {workers} worker(s)", file=sys.stderr, flush=True)
+            rows += bench_service(args.model_uri, workers, args, bodies, (images, labels), workdir)
         if args.reference:
             for workers in (int(w) for w in args.workers.split(",")):
                 print(f"== reference server, {workers} worker(s)", file=sys.stderr, flush=True)

@@ -125,9 +125,9 @@ class HotRoutes:
     middlewares (metrics, concurrency limit) still run before this one.
     """
 
-    def __init__(self, app: Callable, state: Any, skip: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: Callable, state: Any) -> None:
         self.app, self.state = app, state
-        self.routes = {path: handler for path, handler in HOT_ROUTES.items() if path not in skip}
+        self.routes = HOT_ROUTES
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None

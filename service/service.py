@@ -19,7 +19,7 @@ from pathlib import Path
 import bentoml
 
 from service import admin, compute, edge, framework_patches, hot_path, http
-from service.bentoml_api import RequestLimits, predict_api
+from service.bentoml_api import predict_api
 from service.core import ServingCore
 from service.errors import ClientErrorLog, ThrottledMessage
 from service.feedback import FeedbackStore
@@ -165,10 +165,8 @@ class Digits:
         if self.challenger is not None:
             self.challenger.runtime.stop()
 
-    if SETTINGS.batcher == "bentoml":  # /predict through BentoML's adaptive batcher instead (for comparison)
-        predict = predict_api(SETTINGS.max_images_per_request, SETTINGS.batch_max_size, SETTINGS.batch_max_latency_ms)
-    else:  # the typed declaration BentoML's clients and /schema.json read; HotRoutes answers the route
-        predict = predict_api(SETTINGS.max_images_per_request)
+    # the typed declaration BentoML's clients and /schema.json read; HotRoutes answers the route
+    predict = predict_api(SETTINGS.max_images_per_request)
 
 
 framework_patches.install(SETTINGS.client_header_timeout_s, SETTINGS.workers)
@@ -182,8 +180,4 @@ Digits.add_asgi_middleware(
     ),
     routes=lambda: edge.RouteTable(http.app.routes),
 )
-if SETTINGS.batcher == "bentoml":
-    Digits.add_asgi_middleware(hot_path.HotRoutes, state=http.app.state, skip=("/predict",))
-    Digits.add_asgi_middleware(RequestLimits, max_body_bytes=SETTINGS.max_body_bytes)
-else:
-    Digits.add_asgi_middleware(hot_path.HotRoutes, state=http.app.state)
+Digits.add_asgi_middleware(hot_path.HotRoutes, state=http.app.state)

@@ -73,7 +73,6 @@ class Settings:
     timeout_s: int
     max_concurrency: int
     access_log: bool
-    batcher: str
     batch_max_queue_images: int
     grpc_port: int
     grpc_host: str
@@ -108,8 +107,6 @@ class Settings:
             raise SystemExit(f"configuration error: MODEL_PRECISION={self.model_precision!r} is not fp32, bf16 or auto")
         if self.batching and self.batch_max_size < 2:
             raise SystemExit("configuration error: BATCH_MAX_SIZE must be at least 2; set BATCHING=off to turn batching off")
-        if self.batcher not in ("runtime", "bentoml"):
-            raise SystemExit(f"configuration error: BATCHER={self.batcher!r} is not 'runtime' or 'bentoml'")
         for name, value in (
             ("MAX_IMAGE_PIXELS", self.max_image_pixels),
             ("IMAGE_DECODE_CONCURRENCY", self.image_decode_concurrency),
@@ -162,6 +159,11 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        if os.environ.get("BATCHER", "runtime").strip().lower() not in ("", "runtime"):
+            raise SystemExit(
+                "configuration error: BATCHER=bentoml was removed (BentoML's adaptive batcher was slower than the "
+                "service's own, which serves every route); unset BATCHER"
+            )
         max_images = _int("MAX_IMAGES_PER_REQUEST", 1024)
         model_uri = os.environ.get("MODEL_URI") or contract.registry_uri()
         return cls(
@@ -180,7 +182,6 @@ class Settings:
             timeout_s=_int("SERVICE_TIMEOUT_S", 30),
             max_concurrency=_int("SERVICE_MAX_CONCURRENCY", 512),
             access_log=_bool("ACCESS_LOG", False),
-            batcher=os.environ.get("BATCHER", "runtime").strip().lower() or "runtime",
             batch_max_queue_images=_int("BATCH_MAX_QUEUE_IMAGES", 8 * max_images),
             grpc_port=_int("GRPC_PORT", 8500),
             grpc_host=os.environ.get("GRPC_HOST") or "0.0.0.0",

@@ -378,27 +378,6 @@ def test_draw_page_predicts_a_drawn_digit_in_a_real_browser(service, tmp_path):
     assert max(percentages) == percentages[int(shown.group(1))]
 
 
-def test_bentoml_batcher_mode_answers_like_the_default(tmp_path, trained_registry, sample):
-    """BATCHER=bentoml (kept for comparison) serves /predict through BentoML's batcher with the same answers
-    and the same error envelope; the other routes keep working beside it."""
-    env = {**trained_registry.env, "MODEL_URI": str(trained_registry.workdir / "exports" / "mnist"), "BATCHER": "bentoml"}
-    running = start_service(env, tmp_path / "service.log")
-    try:
-        version = served_version(running)
-        expected = saved_model_probabilities(trained_registry, version, sample["x_test"][:8])
-        answer = requests.post(f"{running.url}/predict", json=sample["x_test"][:8].tolist(), timeout=30)
-        assert answer.status_code == 200, answer.text
-        assert_same_answers([p["probabilities"] for p in answer.json()], expected)
-        bad = requests.post(f"{running.url}/predict", json=[[1, 2]], timeout=30)
-        assert bad.status_code == 400 and "shape [1, 2]" in bad.json()["error"]
-        rest = requests.post(
-            f"{running.url}/v1/models/mnist:predict", json={"instances": sample["x_test"][:2].tolist()}, timeout=30
-        )
-        assert [p["digit"] for p in rest.json()["predictions"]] == expected[:2].argmax(1).tolist()
-    finally:
-        stop_service(running)
-
-
 def test_http_requests_are_counted_by_route_status_and_duration(service, sample):
     from tests.service.helpers import metric_samples
 

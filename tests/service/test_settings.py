@@ -17,6 +17,14 @@ def test_batching_switch_and_its_errors(monkeypatch):
         Settings.from_env()
 
 
+def test_the_removed_bentoml_batcher_is_named_not_ignored(monkeypatch):
+    monkeypatch.setenv("BATCHER", "bentoml")
+    with pytest.raises(SystemExit, match="BATCHER=bentoml was removed"):
+        Settings.from_env()
+    monkeypatch.setenv("BATCHER", "runtime")  # what it always meant
+    assert Settings.from_env().batching
+
+
 def test_numbers_are_checked(monkeypatch):
     monkeypatch.setenv("SERVICE_WORKERS", "two")
     with pytest.raises(SystemExit, match="SERVICE_WORKERS='two' is not an integer"):
