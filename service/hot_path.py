@@ -27,7 +27,7 @@ from service.rollout import CANARY_KEY
 from service.runtime import Prediction
 
 logger = logging.getLogger("digits.http")
-client_errors = ClientErrorLog(logger)
+client_errors = ClientErrorLog(logger)  # one throttle for every HTTP route (service.http uses it too)
 
 
 def check_json_body(content_type: str | None, body: bytes | None) -> None:

@@ -10,7 +10,6 @@ the same handlers; their routes here document them (OpenAPI) and answer only if 
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from starlette.responses import HTMLResponse, Response
 from service import open_inference, tfserving
 from service.core import ServingCore
 from service.errors import (
-    ClientErrorLog,
     InputError,
     NotFound,
     ServiceError,
@@ -32,14 +30,12 @@ from service.errors import (
     response_for,
 )
 from service.feedback import parse_feedback
-from service.hot_path import Encoded, answers, infer_v2, predict_json, predict_tf_rest, read_body
+from service.hot_path import Encoded, answers, client_errors, infer_v2, logger, predict_json, predict_tf_rest, read_body
 from service.inputs import parsed_json, pixels_from_image_bytes
 from service.metrics import feedback_received
 from service.rollout import Rollout
 from service.runtime import Prediction
 
-logger = logging.getLogger("digits.http")
-client_errors = ClientErrorLog(logger)
 STATIC = Path(__file__).parent / "static"
 DRAW_PAGE = (STATIC / "draw.html").read_text()
 DRAW_ASSETS = {
