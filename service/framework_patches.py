@@ -87,7 +87,7 @@ def import_tensorflow_without_keras() -> None:
     """Import TensorFlow (quietly, :func:`quiet.import_tensorflow`) without the Keras it pulls in.
 
     ``import tensorflow`` imports all of Keras (``keras.src.optimizers``, and through Keras's wrappers
-    scikit-learn and SciPy): 3.3 s of the 9.3-9.6 s a worker spent importing TensorFlow and loading its
+    scikit-learn): 3.3 s of the 9.3-9.6 s a worker spent importing TensorFlow and loading its
     SavedModel, which took 6.0 s without it (measured on 2 cores). A worker only loads SavedModels and
     calls their signature, which needs none of it. Keras stays importable afterwards; only this import is
     skipped. Written for tensorflow 2.21 (its ``__init__`` passes over an ImportError of

@@ -159,10 +159,11 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        if os.environ.get("BATCHER", "runtime").strip().lower() not in ("", "runtime"):
+        batcher = os.environ.get("BATCHER", "runtime").strip().lower()
+        if batcher not in ("", "runtime"):
             raise SystemExit(
-                "configuration error: BATCHER=bentoml was removed (BentoML's adaptive batcher was slower than the "
-                "service's own, which serves every route); unset BATCHER"
+                f"configuration error: BATCHER={batcher!r}: the setting was removed with BentoML's adaptive batcher "
+                "(slower than the service's own, which serves every route); unset BATCHER"
             )
         max_images = _int("MAX_IMAGES_PER_REQUEST", 1024)
         model_uri = os.environ.get("MODEL_URI") or contract.registry_uri()

@@ -46,9 +46,11 @@ def expected_digit(image: np.ndarray) -> int:
 class Front:
     """HotRoutes over a serving core, with an inner app that records what reached it."""
 
-    def __init__(self, runtime: SumDigit, max_wait_s: float = 0.002) -> None:
+    def __init__(self, runtime: SumDigit) -> None:
         self.runtime = runtime
-        self.core = ServingCore(runtime, max_batch_images=64, max_wait_s=max_wait_s, max_queue_images=1000)  # type: ignore[arg-type]
+        # max_wait_s is a queue-time budget past which a request is refused: generous, so a busy machine
+        # cannot fail these tests
+        self.core = ServingCore(runtime, max_batch_images=64, max_wait_s=10, max_queue_images=1000)  # type: ignore[arg-type]
         settings = SimpleNamespace(max_body_bytes=MAX_BODY_BYTES, max_images_per_request=8)
         self.passed_on: list[str] = []
         self.hot = HotRoutes(self._inner, state=SimpleNamespace(core=self.core, settings=settings))
@@ -166,7 +168,7 @@ def test_other_routes_and_methods_go_on_to_the_app():
 
 
 def test_concurrent_requests_share_model_calls_and_each_gets_its_own_answer():
-    front = Front(SumDigit(), max_wait_s=0.05)
+    front = Front(SumDigit())
     batch = images(24, seed=3)
 
     async def all_at_once():

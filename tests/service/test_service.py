@@ -45,7 +45,7 @@ def test_health_and_model_info(service, trained_registry):
 
 def test_only_the_workers_load_tensorflow(service):
     """BentoML's main process imports the service to read it but never serves: without TensorFlow it
-    starts the workers ~7 s sooner. Judged by what each process has mapped, not by what it says."""
+    starts the workers 5-7 s sooner. Judged by what each process has mapped, not by what it says."""
 
     def loads_tensorflow(process: psutil.Process) -> bool:
         return any("_pywrap_tensorflow_internal" in mapped.path for mapped in process.memory_maps())

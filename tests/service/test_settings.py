@@ -19,7 +19,7 @@ def test_batching_switch_and_its_errors(monkeypatch):
 
 def test_the_removed_bentoml_batcher_is_named_not_ignored(monkeypatch):
     monkeypatch.setenv("BATCHER", "bentoml")
-    with pytest.raises(SystemExit, match="BATCHER=bentoml was removed"):
+    with pytest.raises(SystemExit, match="BATCHER='bentoml': the setting was removed"):
         Settings.from_env()
     monkeypatch.setenv("BATCHER", "runtime")  # what it always meant
     assert Settings.from_env().batching
