@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,23 +19,53 @@ from mlflow import MlflowClient
 
 from contract import EMBEDDED_DB
 from harness.launcher import child_env
+from tests import forkserver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE_NPZ = FIXTURES / "mnist-sample.npz"
+PipelineProcess = subprocess.Popen | forkserver.ForkedProcess
 BENTO_USER_UID = 1034  # the user BentoML's containerized service runs as: deploy/k8s runs the pods as it
 
 
-def run_pipeline(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m pipeline ...`` as a user would, in its own process."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
+def start_pipeline(
+    args: list[str], env: dict[str, str], cwd: Path, log: Path | None = None, new_session: bool = False
+) -> PipelineProcess:
+    """Start ``python -m pipeline ...`` in a process of its own, as a user would: stdout and stderr as text
+    pipes (or both into ``log``), SIGINT not ignored whatever our own caller ignores. It comes from this
+    worker's fork server (``tests/forkserver.py``: the same process less 13 s of imports) unless
+    ``TEST_FORKSERVER=0``."""
+    if forkserver.ENABLED:
+        return forkserver.shared().start(args, child_env(env), cwd, log, new_session)
+    if log is None:
+        return _popen(args, env, cwd, new_session, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with log.open("w") as out:
+        return _popen(args, env, cwd, new_session, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _popen(args: list[str], env: dict[str, str], cwd: Path, new_session: bool, **output) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-u", "-m", "pipeline", *args],
         cwd=cwd,
         env=child_env(env),
-        capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
-        timeout=timeout,
+        start_new_session=new_session,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # whatever our own caller ignores
+        **output,
     )
+
+
+def run_pipeline(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m pipeline ...`` to its end (see :func:`start_pipeline`)."""
+    process = start_pipeline(args, env, cwd)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(["python", "-m", "pipeline", *args], process.returncode, stdout, stderr)
 
 
 def wait_until(check: Callable[[], object], timeout: float, interval: float = 0.5) -> object:

@@ -6,22 +6,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from harness.launcher import child_env, free_port
+from harness.launcher import free_port
 from pipeline.distributed import Cluster, cluster_from_env
 from pipeline.errors import ConfigError
 from tests.helpers import (
+    PipelineProcess,
     assert_failed_and_nothing_registered,
     client_for,
     last_json_line,
     run_pipeline,
     seed_training,
+    start_pipeline,
     store_env,
     wait_until,
 )
@@ -66,23 +66,14 @@ def test_a_missing_or_wrong_tf_config_is_a_config_error_naming_it(value, message
         cluster_from_env({"TF_CONFIG": value})
 
 
-def start_worker(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+def start_worker(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> PipelineProcess:
     cwd.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *args],
-            cwd=cwd,
-            env=child_env(env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+    return start_pipeline(args, env, cwd, log=log, new_session=True)
 
 
 def start_cluster(
     tmp_path: Path, epochs: int, exports: Path | None = None
-) -> tuple[list[subprocess.Popen], list[Path], list[Path]]:
+) -> tuple[list[PipelineProcess], list[Path], list[Path]]:
     """Chief (worker 0, in ``tmp_path/chief``) and worker 1 (in ``tmp_path/worker``, an empty directory),
     both pointed at the chief's store as a real deployment's would be."""
     workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
@@ -106,7 +97,7 @@ def run_cluster(tmp_path: Path, epochs: int, exports: Path | None = None) -> tup
     return [proc.returncode for proc in procs], dirs, [log.read_text() for log in logs]
 
 
-def stop_all(procs: list[subprocess.Popen]) -> None:
+def stop_all(procs: list[PipelineProcess]) -> None:
     for proc in procs:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,8 +12,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from harness.launcher import child_env
-from tests.helpers import last_json_line, run_pipeline, seed_training
+from tests.helpers import PipelineProcess, last_json_line, run_pipeline, seed_training, start_pipeline
 
 pytestmark = pytest.mark.slow
 NAME = "mnist-cnn"
@@ -45,20 +42,12 @@ def _train_args(root: Path, *sets: str) -> list[str]:
     return seed_training(root / "exports", "registry.accuracy_floor=0.1", *sets)
 
 
-def _start(root: Path, pause_at: str | None, *sets: str) -> subprocess.Popen:
+def _start(root: Path, pause_at: str | None, *sets: str) -> PipelineProcess:
     extra = {"PIPELINE_PAUSE_AT": pause_at, "PIPELINE_PAUSE_S": "3"} if pause_at else {}
-    return subprocess.Popen(
-        [sys.executable, "-u", "-m", "pipeline", *_train_args(root, *sets)],
-        cwd=root,
-        env=child_env(_env(root, **extra)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # whatever our own caller ignores
-    )
+    return start_pipeline(_train_args(root, *sets), _env(root, **extra), root)
 
 
-def _wait_for(process: subprocess.Popen, line_start: str, timeout: float = 240) -> list[str]:
+def _wait_for(process: PipelineProcess, line_start: str, timeout: float = 240) -> list[str]:
     seen, deadline = [], time.monotonic() + timeout
     for line in process.stdout:
         seen.append(line)

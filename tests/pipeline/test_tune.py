@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +14,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from harness.launcher import child_env
 from pipeline.config import load_config
-from tests.helpers import FIXTURES, SAMPLE_NPZ, run_pipeline, store_env
+from tests.helpers import FIXTURES, SAMPLE_NPZ, run_pipeline, start_pipeline, store_env
 
 pytestmark = pytest.mark.slow
 
@@ -189,11 +186,7 @@ def test_ctrl_c_fails_the_running_trial_keeps_the_finished_and_the_same_command_
     space = tmp_path / "no-pruning.yaml"  # the tiny space, never pruning, so trial 1 is still training when stopped
     space.write_text(SPACE.read_text().replace("startup_trials: 1", "startup_trials: 100"))
     args = [*tune_args(trials=3, epochs=4), "--space", str(space), "--seed", "6"]  # seed 6: two trainable rates first
-    process = subprocess.Popen(
-        [sys.executable, "-u", "-m", "pipeline", *args], cwd=tmp_path, env=child_env(store_env(tmp_path)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # whatever our own caller ignores
-    )  # fmt: skip
+    process = start_pipeline(args, store_env(tmp_path), tmp_path)
     seen, deadline = [], time.monotonic() + 240
     for line in process.stdout:
         seen.append(line)
@@ -223,10 +216,9 @@ def test_two_processes_share_one_postgresql_study_without_running_a_trial_twice(
     for worker in ("a", "b"):
         workdir = tmp_path / worker
         workdir.mkdir()
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *tune_args("--storage", storage, "--study", "shared", trials=6)],
-            cwd=workdir, env=child_env(store_env(workdir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))  # fmt: skip
+        processes.append(
+            start_pipeline(tune_args("--storage", storage, "--study", "shared", trials=6), store_env(workdir), workdir)
+        )
     outputs = [process.communicate(timeout=400) for process in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]

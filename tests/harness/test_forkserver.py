@@ -1,0 +1,73 @@
+"""The fork server the slow tests start the pipeline from behaves, to a caller, as ``python -m pipeline``
+in a fresh interpreter does: same output and exit status, its own environment, directory and signals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from harness.launcher import child_env
+from tests import forkserver
+from tests.helpers import seed_training, store_env
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not forkserver.ENABLED, reason="TEST_FORKSERVER=0: every command runs in a fresh interpreter"),
+]
+
+
+def fresh(args: list[str], env: dict[str, str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=child_env(env), capture_output=True, text=True, timeout=300
+    )
+
+
+def forked(args: list[str], env: dict[str, str], cwd) -> tuple[int, str, str]:
+    process = forkserver.shared().start(args, child_env(env), cwd)
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--config", "no-such-config"],  # a CLI error naming the problem, exit 2
+        ["recover", "--config", "seed"],  # MLflow, the store named by the environment, the working directory
+        ["tune", "--help"],
+    ],
+)
+def test_a_forked_command_answers_as_a_fresh_interpreter_does(args, tmp_path):
+    here, there = tmp_path / "fresh", tmp_path / "child"
+    here.mkdir()
+    there.mkdir()
+    expected = fresh(args, store_env(here), here)
+    code, stdout, stderr = forked(args, store_env(there), there)
+    assert (code, stdout.replace(str(there), str(here)), stderr.replace(str(there), str(here))) == (
+        expected.returncode,
+        expected.stdout,
+        expected.stderr,
+    )
+    assert sorted(p.name for p in there.iterdir()) == sorted(p.name for p in here.iterdir())
+
+
+def test_each_child_has_the_environment_it_was_given_and_no_other(tmp_path):
+    for name in ("first.npz", "second.npz"):
+        env = {**store_env(tmp_path), "PIPELINE_DATA": str(tmp_path / name)}
+        code, _, stderr = forked(["train", "--config", "seed"], env, tmp_path)
+        assert code == 2 and name in stderr and "Traceback" not in stderr, stderr
+    assert "first.npz" not in stderr
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_reaches_the_child_and_its_status_comes_back(sig, status, tmp_path):
+    env = {**store_env(tmp_path), "PIPELINE_PAUSE_AT": "train", "PIPELINE_PAUSE_S": "60"}
+    process = forkserver.shared().start(seed_training(tmp_path / "exports"), child_env(env), tmp_path)
+    for line in process.stdout:
+        if line.startswith("step: train"):
+            break
+    process.send_signal(sig)
+    process.communicate(timeout=60)
+    assert process.returncode == status
