@@ -216,18 +216,19 @@ def _train(args: argparse.Namespace) -> int:
     stop = StopSignals().install()  # SIGTERM as Ctrl-C, and neither inside the commit
     cfg = load_config(args.config, args.overrides)
     spec = resolve_spec(args.data, cfg.data.source, cfg.data.path)
+    role = distributed.role_for(cfg.training.strategy)
     quiet.import_tensorflow()
     from pipeline.job import run_training, run_worker
 
-    if cfg.training.strategy == "multi_worker" and not (cluster := distributed.cluster_from_env()).is_chief:
-        trained = run_worker(cfg, spec)
-        print(json.dumps({"task": cluster.task, "role": "worker", "epochs_run": trained.epochs_run}))
+    if not role.is_chief:
+        trained = run_worker(cfg, spec, role)
+        print(json.dumps({"task": role.cluster.task, "role": "worker", "epochs_run": trained.epochs_run}))
         return 0
     if args.feedback is not None:
         from pipeline.feedback import load_reviewed
 
         load_reviewed(args.feedback)  # a wrong path fails here, before any MLflow run starts
-    result = run_training(cfg, spec, stop=stop, feedback=args.feedback)
+    result = run_training(cfg, spec, role=role, stop=stop, feedback=args.feedback)
     print(f"run id: {result.run_id}")
     print(f"model version: {result.model_version}")
     print(f"gate: {'promoted' if result.promoted else 'not promoted'} ({result.decision.reason})")

@@ -12,11 +12,15 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from contract import IMAGE_SHAPE, NUM_CLASSES
 from pipeline.errors import DataError
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
 
 DATA_ENV_VAR = "PIPELINE_DATA"
 
@@ -126,6 +130,13 @@ def load(spec: DataSpec) -> MnistData:
     arrays["y_train"] = arrays["y_train"].astype(np.uint8)
     arrays["y_test"] = arrays["y_test"].astype(np.uint8)
     return MnistData(spec=spec, **arrays)
+
+
+def prepare(spec: DataSpec, cfg: DataConfig, seed: int) -> tuple[MnistData, Splits]:
+    """The data as the job, a training cluster's workers and every trial of a search see it: loaded,
+    validated, and split by the config's validation fraction and training limit with its seed."""
+    data = load(spec)
+    return data, data.split(cfg.validation_split, seed, cfg.train_limit)
 
 
 def _require_path(spec: DataSpec) -> Path:

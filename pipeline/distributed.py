@@ -18,10 +18,11 @@ import functools
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from pipeline import keras_patches
 from pipeline.errors import ConfigError, PipelineError
 
 TF_CONFIG = "TF_CONFIG"
@@ -94,13 +95,47 @@ def cluster_from_env(environ: dict[str, str] | None = None) -> Cluster:
     return Cluster(task_type, task_index, size, has_chief=bool(members.get("chief")))
 
 
+@dataclass(frozen=True)
+class Role:
+    """What this process does in a training, decided once (the CLI builds it from the config and
+    ``TF_CONFIG``) and passed down: alone, or one task of a multi-worker cluster. The chief (a process
+    alone is its own chief) logs to MLflow, evaluates, exports and registers; the other tasks only train."""
+
+    cluster: Cluster | None = None  # None: a process training alone
+
+    @property
+    def multi_worker(self) -> bool:
+        return self.cluster is not None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.cluster is None or self.cluster.is_chief
+
+    def join(self, say: Callable[[str], None]) -> None:
+        """Join the cluster before TensorFlow does anything else (its rule); alone, nothing to do."""
+        if self.cluster is None:
+            return
+        duty = "chief: logs, exports, registers" if self.is_chief else "trains only"
+        say(f"multi-worker: task {self.cluster.task} of {self.cluster.size} ({duty}); waiting for the cluster")
+        multi_worker_strategy()
+
+
+ALONE = Role()
+
+
+def role_for(strategy: str) -> Role:
+    """This process's role for ``training.strategy``; ``multi_worker`` without a valid ``TF_CONFIG`` is a
+    :class:`ConfigError`, before anything else happens."""
+    return Role(cluster_from_env()) if strategy == "multi_worker" else ALONE
+
+
 @functools.cache
 def multi_worker_strategy():
     """The process's one ``MultiWorkerMirroredStrategy``, joined to the cluster. TensorFlow requires it
     before any other TensorFlow operation, so the job creates it first thing."""
     import tensorflow as tf
 
-    _patch_keras_multi_worker()
+    keras_patches.average_multi_worker_scalars()
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
@@ -145,43 +180,3 @@ def _tell_workers(failed: bool) -> None:
         settle(failed=failed, timeout_s=60)
     except WorkerFailed:
         pass
-
-
-def build_for_fit(model, sample_batch) -> None:
-    """Build the model's loss, metric and optimizer state under its strategy from one local batch.
-
-    Keras 3.x (up to this project's version) builds that state inside ``fit`` by averaging the first
-    *distributed* batch across workers with a call the multi-worker strategy rejects (keras-team/keras
-    #20585): built here from shapes alone, ``fit`` has nothing left to build.
-    """
-    strategy = model.distribute_strategy
-    with strategy.scope():
-        model._symbolic_build(data_batch=sample_batch)
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-
-
-def _patch_keras_multi_worker() -> None:
-    """Keras 3.x averages a multi-worker step's per-replica results with ``reduce(MEAN, axis=0)``, which
-    fails on the scalar loss and metrics (keras-team/keras #20585); scalars get the plain all-reduce
-    mean, everything else is left to Keras."""
-    from keras.src import tree
-    from keras.src.backend.tensorflow import trainer
-
-    if getattr(trainer.reduce_per_replica, "multi_worker_scalars", False):
-        return
-    original = trainer.reduce_per_replica
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(strategy):
-            return original(values, strategy, reduction)
-
-        def mean(value):
-            if not trainer._is_per_replica_instance(value):
-                return value
-            rank = strategy.experimental_local_results(value)[0].shape.rank
-            return strategy.reduce("MEAN", value, axis=0 if rank else None)
-
-        return tree.map_structure(mean, values)
-
-    reduce_per_replica.multi_worker_scalars = True
-    trainer.reduce_per_replica = reduce_per_replica

@@ -42,6 +42,13 @@ class Evaluation:
         return classification_report(self.labels, self.predictions, labels=LABELS, digits=4, zero_division=0)
 
 
+def score(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> Evaluation:
+    """The trained model's answers on raw images, scored: how the job scores the test split and a
+    search scores each trial on the validation split."""
+    probabilities = keras.ops.convert_to_numpy(model.predict(model_input(images), batch_size=1024, verbose=0))
+    return evaluate_probabilities(probabilities, labels)
+
+
 def evaluate_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> Evaluation:
     predictions = probabilities.argmax(axis=1)
     return Evaluation(

@@ -19,7 +19,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
@@ -30,7 +29,6 @@ from pipeline import distributed, evaluate, export, publish, recover, register, 
 from pipeline import feedback as feedback_module
 from pipeline.config import PipelineConfig
 from pipeline.gate import GateDecision, GateOutcome, gate_and_promote
-from pipeline.model import model_input
 from pipeline.stop import StopSignals
 from pipeline.train import TrainResult, configure_devices, duration, train
 
@@ -56,13 +54,17 @@ def run_training(
     cfg: PipelineConfig,
     data_spec: data_module.DataSpec,
     say: Callable[[str], None] = print,
+    role: distributed.Role | None = None,
     stop: StopSignals | None = None,
     feedback: Path | None = None,
 ) -> JobResult:
-    """The whole job in one MLflow run. ``stop`` (installed by the CLI) keeps signals out of the commit."""
+    """The whole job in one MLflow run, as this process's ``role`` (the chief of a cluster, or alone:
+    the default, or the cluster in ``TF_CONFIG`` when the config says multi_worker). ``stop``
+    (installed by the CLI) keeps signals out of the commit."""
     stop = stop or StopSignals()
+    role = role or distributed.role_for(cfg.training.strategy)
     configure_devices(cfg.training)
-    cluster = _join_cluster(say, chief=True) if cfg.training.strategy == "multi_worker" else None
+    role.join(say)
     tracking.setup(cfg.registry.experiment, say)
     recover.recover(cfg.registry.model_name, cfg.registry.experiment, Path(cfg.export.base_dir), say=say)
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
@@ -73,26 +75,25 @@ def run_training(
         with tracking.Heartbeat(run_id):
             say(f"MLflow run {run_id} ({tracking.tracking_uri()})")
             mlflow.set_tags({"config": cfg.name, "data_source": data_spec.describe()})
-            if cluster is not None:
-                mlflow.set_tags({"cluster_tasks": str(cluster.size), "cluster_chief": cluster.task})
+            if role.cluster is not None:
+                mlflow.set_tags({"cluster_tasks": str(role.cluster.size), "cluster_chief": role.cluster.task})
             mlflow.log_params({**cfg.flat(), "data.source": data_spec.source, "data.path": data_spec.shown_path})
 
             step = _step(say, "data")
-            data = data_module.load(data_spec)
+            data, splits = data_module.prepare(data_spec, cfg.data, cfg.seed)
             say(f"data: {data_spec.describe()} train={len(data.x_train)} test={len(data.x_test)} digest={data.digest}")
             _log_dataset(data)
-            splits = data.split(cfg.data.validation_split, cfg.seed, cfg.data.train_limit)
             if feedback is not None:
                 splits = _with_feedback(splits, feedback, say)
 
             step = _step(say, "train")
             say(plan(cfg, len(splits.x_train)))
-            result = train(cfg, splits, say)
+            result = train(cfg, splits, say, role=role)
             say(f"trained {result.epochs_run} epochs on {result.replicas} replica(s) in {result.wall_time_s:.1f}s")
             mlflow.set_tags({"replicas": str(result.replicas), "training_wall_time_s": f"{result.wall_time_s:.1f}"})
             mlflow.log_metrics({"training_wall_time_s": result.wall_time_s, "epochs_run": result.epochs_run})
 
-            with distributed.verdict_to_workers(cfg.training.strategy == "multi_worker"):
+            with distributed.verdict_to_workers(role.multi_worker):
                 step = _step(say, "evaluate")
                 evaluation = _evaluate(result, splits)
                 say(
@@ -112,31 +113,23 @@ def run_training(
             tracking.forget_liveness(run_id)
 
 
-def run_worker(cfg: PipelineConfig, data_spec: data_module.DataSpec, say: Callable[[str], None] = print) -> TrainResult:
-    """A non-chief worker of a multi-worker cluster: the same data and training as the chief, in
+def run_worker(
+    cfg: PipelineConfig, data_spec: data_module.DataSpec, role: distributed.Role, say: Callable[[str], None] = print
+) -> TrainResult:
+    """A non-chief task of a multi-worker cluster: the same data and training as the chief, in
     lockstep with it, then it waits for the chief's outcome; it writes nothing (no MLflow run, no
     export, no registry)."""
     configure_devices(cfg.training)
-    _join_cluster(say, chief=False)
-    data = data_module.load(data_spec)
+    role.join(say)
+    data, splits = data_module.prepare(data_spec, cfg.data, cfg.seed)
     say(f"data: {data_spec.describe()} train={len(data.x_train)} digest={data.digest}")
-    splits = data.split(cfg.data.validation_split, cfg.seed, cfg.data.train_limit)
-    result = train(cfg, splits, say, track=False)
+    result = train(cfg, splits, say, role=role)
     say(f"trained {result.epochs_run} epochs on {result.replicas} replica(s) in {result.wall_time_s:.1f}s")
     say("waiting for the chief to evaluate, export, register and gate")
     if distributed.settle(failed=False):
         raise distributed.ChiefFailed("the chief's run failed after training, and nothing was registered (its log says why)")
     say("the chief's run finished")
     return result
-
-
-def _join_cluster(say: Callable[[str], None], chief: bool) -> distributed.Cluster:
-    """Join the cluster in ``TF_CONFIG`` before TensorFlow does anything else (its rule)."""
-    cluster = distributed.cluster_from_env()
-    role = "chief: logs, exports, registers" if chief else "trains only"
-    say(f"multi-worker: task {cluster.task} of {cluster.size} ({role}); waiting for the cluster")
-    distributed.multi_worker_strategy()
-    return cluster
 
 
 def plan(cfg: PipelineConfig, train_images: int) -> str:
@@ -167,8 +160,7 @@ def _step(say: Callable[[str], None], name: str) -> str:
 
 def _evaluate(result: TrainResult, splits: data_module.Splits) -> evaluate.Evaluation:
     """Score on the test split and log the metrics, the plots and the classification report."""
-    probabilities = keras.ops.convert_to_numpy(result.model.predict(model_input(splits.x_test), batch_size=1024, verbose=0))
-    evaluation = evaluate.evaluate_probabilities(probabilities, splits.y_test)
+    evaluation = evaluate.score(result.model, splits.x_test, splits.y_test)
     mlflow.log_metrics(evaluation.metrics())
     for name, figure in evaluate.figures(result.model, result.history, evaluation, splits.x_test).items():
         mlflow.log_figure(figure, f"plots/{name}")

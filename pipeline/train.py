@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from contract import NUM_CLASSES
-from pipeline import distributed
+from pipeline import distributed, keras_patches
 from pipeline.config import PipelineConfig, TrainingConfig
 from pipeline.data import Splits
 from pipeline.model import build_model, compile_model, model_input, recalibrate_batch_norm
@@ -200,24 +200,26 @@ def train(
     splits: Splits,
     say: Callable[[str], None] = print,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
-    track: bool = True,
+    role: distributed.Role | None = None,
 ) -> TrainResult:
-    """Fit ``cfg``'s model on ``splits`` inside the active MLflow run (per-epoch metrics go there; with
-    ``track=False``, as on a multi-worker cluster's non-chief workers, nothing goes to MLflow);
-    ``extra_callbacks`` run with the job's own (a hyperparameter search passes its pruner)."""
+    """Fit ``cfg``'s model on ``splits`` as this process's ``role`` (by default, the one its strategy
+    and ``TF_CONFIG`` give): alone or as a cluster's chief,
+    inside the active MLflow run (per-epoch metrics go there); as another task of the cluster, nothing
+    goes to MLflow. ``extra_callbacks`` run with the job's own (a hyperparameter search passes its pruner)."""
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     tcfg = cfg.training
+    role = role or distributed.role_for(tcfg.strategy)
     strategy = make_strategy(tcfg)
     steps_per_epoch = int(np.ceil(len(splits.x_train) / tcfg.batch_size))
     with strategy.scope():
         model = build_model(cfg.model)
         compile_model(model, tcfg, steps_per_epoch)
-    multi_worker = tcfg.strategy == "multi_worker"
+    track, multi_worker = role.is_chief, role.multi_worker
     if multi_worker:
         sample = (model_input(splits.x_train[:1]), keras.utils.to_categorical(splits.y_train[:1], NUM_CLASSES))
-        distributed.build_for_fit(model, sample)
+        keras_patches.build_for_fit(model, sample)
 
     callbacks: list[keras.callbacks.Callback] = [
         *([MlflowMetrics(tcfg.log_every_n_steps)] if track else []),

@@ -33,11 +33,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from contract import sqlite_path, tracking_uri
 from pipeline import data as data_module
-from pipeline import tracking
+from pipeline import evaluate, tracking
 from pipeline.config import PipelineConfig, load_config, with_values
 from pipeline.cost import BATCH, serving_cost
 from pipeline.errors import ConfigError
-from pipeline.model import model_input
 from pipeline.search_space import Pruning, SearchSpace
 from pipeline.train import configure_devices, train
 
@@ -259,8 +258,7 @@ def run_trial(
                 f"(validation accuracy {pruner.history[-1]:.4f}, behind the trials before it at that epoch).",
             )
             raise optuna.TrialPruned(f"validation accuracy {pruner.history[-1]:.4f} at epoch {pruner.pruned_at + 1}")
-        probabilities = keras.ops.convert_to_numpy(result.model.predict(model_input(splits.x_val), batch_size=1024, verbose=0))
-        accuracy = float((probabilities.argmax(1) == splits.y_val).mean())
+        accuracy = evaluate.score(result.model, splits.x_val, splits.y_val).accuracy
         cost = serving_cost(result.model, splits.x_val[:BATCH])
         mlflow.log_metrics({"val_accuracy_final": accuracy, "training_wall_time_s": result.wall_time_s, **cost.metrics()})
         for key, value in {"val_accuracy": accuracy, **cost.metrics(), "training_s": result.wall_time_s}.items():
@@ -298,8 +296,7 @@ def run_study(
     tracking.setup(base.registry.experiment, say)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported on its own progress line
     opened = open_study(study)
-    data = data_module.load(data_spec)
-    splits = data.split(base.data.validation_split, base.seed, base.data.train_limit)
+    _, splits = data_module.prepare(data_spec, base.data, base.seed)
     scored_on = "validation accuracy and ms/image" if len(study.directions) == 2 else "validation accuracy"
     say(
         f"study {study.name} ({_redacted(study.storage)}): {len(_finished(opened))} of {trials} trials finished; "

@@ -1,9 +1,9 @@
 """The fork server the slow tests start the pipeline from behaves, to a caller, as ``python -m pipeline``
-in a fresh interpreter does: same output and exit status, its own environment, directory and signals."""
+in a fresh interpreter does: same output, files and exit status, its own environment and directory.
+Signals and their exit statuses (130, 143, SIGKILL) are checked through it by tests/pipeline/test_recovery.py."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 
@@ -11,7 +11,7 @@ import pytest
 
 from harness.launcher import child_env
 from tests import forkserver
-from tests.helpers import seed_training, store_env
+from tests.helpers import store_env
 
 pytestmark = [
     pytest.mark.slow,
@@ -59,15 +59,3 @@ def test_each_child_has_the_environment_it_was_given_and_no_other(tmp_path):
         code, _, stderr = forked(["train", "--config", "seed"], env, tmp_path)
         assert code == 2 and name in stderr and "Traceback" not in stderr, stderr
     assert "first.npz" not in stderr
-
-
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_reaches_the_child_and_its_status_comes_back(sig, status, tmp_path):
-    env = {**store_env(tmp_path), "PIPELINE_PAUSE_AT": "train", "PIPELINE_PAUSE_S": "60"}
-    process = forkserver.shared().start(seed_training(tmp_path / "exports"), child_env(env), tmp_path)
-    for line in process.stdout:
-        if line.startswith("step: train"):
-            break
-    process.send_signal(sig)
-    process.communicate(timeout=60)
-    assert process.returncode == status
