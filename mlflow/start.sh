@@ -15,6 +15,10 @@
 #   MLFLOW_AUTH_DATABASE_URI         users and permissions [sqlite:////var/lib/mlflow-auth/basic_auth.db]
 #   MLFLOW_PIPELINE_PASSWORD         user `pipeline`: trains; owns (MANAGE) what it creates
 #   MLFLOW_SERVICE_PASSWORD          user `service`: reads only
+#   MLFLOW_AUTH_CACHE_TTL_S          seconds a verified user/password pair is trusted without hashing again
+#                                    [60]; 0 checks every request (MLflow's scrypt check costs about
+#                                    0.17 s of CPU, on every API call of a training); a changed password
+#                                    takes up to this long to lock out the old one on other workers
 #   MLFLOW_READ_ONLY_USERS           users refused every write, creating included [service]
 #                                    (read_only_auth.py: MLflow lets any signed-in user create experiments
 #                                    and registered models, the trainers' gate lock among them)
@@ -34,6 +38,7 @@ default_permission = READ
 database_uri = ${MLFLOW_AUTH_DATABASE_URI:-sqlite:////var/lib/mlflow-auth/basic_auth.db}
 admin_username = admin
 authorization_function = read_only_auth:authenticate
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_S:-60}
 INI
   export MLFLOW_AUTH_CONFIG_PATH
   export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
