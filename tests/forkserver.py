@@ -23,6 +23,7 @@ import json
 import os
 import select
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,8 +111,11 @@ _shared: ForkServer | None = None
 
 
 def shared() -> ForkServer:
-    """This pytest worker's fork server, started on first use (about 13 s of imports, once), stopped at exit."""
+    """This pytest worker's fork server, started on first use (about 13 s of imports, once) and again if
+    it has died, stopped at exit."""
     global _shared
+    if _shared is not None and _shared.process.poll() is not None:  # gone (killed, out of memory): start anew
+        _shared = None
     if _shared is None:
         _shared = ForkServer(Path(tempfile.mkdtemp(prefix="forkserver-")))  # short: a socket path has a limit
         atexit.register(_shared.stop)
@@ -165,7 +169,7 @@ class ForkServer:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.socket_path.unlink(missing_ok=True)
+        shutil.rmtree(self.socket_path.parent, ignore_errors=True)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
