@@ -1,16 +1,17 @@
 """``python -m pipeline`` in real processes that skip the interpreter's 13 s of imports.
 
-Every training the slow tests start used to import TensorFlow, Keras and MLflow afresh: about 13 s of
-CPU of the ~26 s a seed training on the sample costs, on a suite that is CPU-bound on two cores. A fork
+Every training the slow tests start used to import TensorFlow, Keras and MLflow afresh: a seed training
+on the sample cost 33-35 s of CPU that way and 19-21 s from this server (docs/testing.md), on a suite
+that is CPU-bound on two cores. A fork
 server (the idea of ``multiprocessing``'s ``forkserver``, for a command line) imports them once per
 pytest worker and forks a child per command. The child is a real process of its own: its own pid,
 stdin/stdout/stderr pipes, environment and working directory; it runs ``pipeline/__main__.py`` as
 ``python -m pipeline`` would, takes SIGTERM, SIGINT and SIGKILL itself, and leaves the interpreter the
 normal way (exit handlers, thread joins), so its exit status is the one a user sees.
 
-What it cannot show is the interpreter's start: tests of that (import-time noise, ``--help`` speed, the
-quick start) run ``python -m pipeline`` directly, and ``TEST_FORKSERVER=0`` runs every pipeline command in
-a fresh interpreter. The server is single-threaded when it forks (a child of a multi-threaded parent can
+What it cannot show is the interpreter's start: ``tests/harness/test_forkserver.py`` compares forked
+commands with fresh ones, ``test_ctrl_c_marks_the_run_failed`` runs a fresh ``python -m pipeline``, and
+``TEST_FORKSERVER=0`` runs every pipeline command in a fresh interpreter. The server is single-threaded when it forks (a child of a multi-threaded parent can
 inherit a held lock); TensorFlow's context is not yet initialised there, so each child sets its own
 threads and devices as a fresh process does.
 """
@@ -123,7 +124,7 @@ def shared() -> ForkServer:
 
 
 class ForkServer:
-    """The client side: one server process per pytest worker, started on first use."""
+    """The client side of one server process (:func:`shared` keeps one per pytest worker)."""
 
     def __init__(self, directory: Path) -> None:
         self.socket_path = directory / "forkserver.sock"

@@ -53,7 +53,7 @@ def test_a_forked_command_answers_as_a_fresh_interpreter_does(args, tmp_path):
     assert sorted(p.name for p in there.iterdir()) == sorted(p.name for p in here.iterdir())
 
 
-def test_each_child_has_the_environment_it_was_given_and_no_other(tmp_path):
+def test_each_child_reads_the_environment_it_was_given_not_an_earlier_childs(tmp_path):
     for name in ("first.npz", "second.npz"):
         env = {**store_env(tmp_path), "PIPELINE_DATA": str(tmp_path / name)}
         code, _, stderr = forked(["train", "--config", "seed"], env, tmp_path)
