@@ -26,7 +26,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import open_inference, tfserving
 from service.errors import error_body
-from service.framework_patches import BENTOML_STATIC
+from service.framework_patches import BENTOML_STATIC, ResponseDeadline
+from service.hot_path import HOT_ROUTES, JSON_HEADER, HotRoutes, Response, send_response
 
 PROBES = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # never queued behind predictions
 BENTOML_ROUTES = {"/": {"GET"}, "/docs.json": {"GET"}, "/schema.json": {"GET"}, **{path: {"GET"} for path in PROBES}}
@@ -84,17 +85,73 @@ class RouteTable:
         return matched[0] if matched else None
 
 
+class Admission:
+    """A worker's limits on the requests it holds: each body read within time and size, the bodies held
+    at once under a budget, then one of ``max_concurrency`` slots. One per worker, shared by
+    :class:`Edge` and the hot routes' fast lane (:class:`service.hot_path.FastLane`), so the limits
+    count every request whichever way it came in."""
+
+    def __init__(self, limits: EdgeLimits) -> None:
+        self.limits = limits
+        self.slots = asyncio.Semaphore(limits.max_concurrency)
+        self._body_budget = limits.max_body_bytes_in_flight or 4 * limits.max_body_bytes
+        self._bodies_in_flight = 0  # bytes of request bodies this worker holds now
+
+    def too_many(self) -> tuple[int, str] | None:
+        """The 429 to answer when every slot is taken (no queueing: the client backs off), else None."""
+        if not self.slots.locked():
+            return None
+        return 429, f"too many requests in flight (at most {self.limits.max_concurrency}); retry with backoff"
+
+    def release(self, held: list[int]) -> None:
+        """Give back the body bytes :meth:`read_body` counted in ``held``."""
+        self._bodies_in_flight -= held[0]
+
+    async def read_body(self, receive: Callable, held: list[int]) -> bytes | tuple[int, str]:
+        """The whole body, or (status, message) when it is too slow, too large, or more than this
+        worker's budget for bodies in flight; ``held[0]`` counts the bytes it took from that budget
+        (give them back with :meth:`release`)."""
+        limit, parts, size = self.limits.max_body_bytes, [], 0
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):  # one timer for the whole body, no task
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return 400, "the client disconnected before sending the whole body"
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        return 413, f"request body is over the limit of {limit} bytes"
+                    if self._bodies_in_flight + len(chunk) > self._body_budget:
+                        return 503, "the server holds too many request bodies at once; retry shortly"
+                    self._bodies_in_flight += len(chunk)
+                    held[0] += len(chunk)
+                    parts.append(chunk)
+                    if not message.get("more_body", False):
+                        return parts[0] if len(parts) == 1 else b"".join(parts)
+        except TimeoutError:
+            return 408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s"
+
+
+def refusal_headers(status: int) -> list[tuple[bytes, bytes]]:
+    """Headers of an admission refusal: the connection is closed after a body that was not read whole;
+    Retry-After where trying again shortly helps."""
+    if status == 429:
+        return [(b"retry-after", b"1")]
+    return [(b"connection", b"close"), *([(b"retry-after", b"1")] if status == 503 else [])]
+
+
 class Edge:
     """Raw ASGI, outermost of the service's own middlewares (inside BentoML's request timeout)."""
 
-    def __init__(self, app: Callable, limits: EdgeLimits, routes: Callable[[], RouteTable]) -> None:
+    def __init__(
+        self, app: Callable, limits: EdgeLimits, routes: Callable[[], RouteTable], admission: Admission | None = None
+    ) -> None:
         self.app = app
         self.limits = limits
         self._routes = routes
         self._table: RouteTable | None = None
-        self._slots = asyncio.Semaphore(limits.max_concurrency)
-        self._body_budget = limits.max_body_bytes_in_flight or 4 * limits.max_body_bytes
-        self._bodies_in_flight = 0  # bytes of request bodies this worker holds now
+        self.admission = admission or Admission(limits)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -126,51 +183,20 @@ class Edge:
         if method in METHODS_WITH_BODY:
             held = [0]
             try:
-                outcome = await self._read_body(receive, held)
+                outcome = await self.admission.read_body(receive, held)
                 if isinstance(outcome, tuple):
-                    status, message = outcome
-                    retry = [(b"retry-after", b"1")] if status == 503 else []
-                    return await _answer(send_with_headers, status, message, [(b"connection", b"close"), *retry])
+                    return await _answer(send_with_headers, *outcome, refusal_headers(outcome[0]))
                 scope["digits.body"] = outcome  # read once: the hot routes take it from here
                 return await self._admit(scope, _replay(outcome, receive), send_with_headers)
             finally:
-                self._bodies_in_flight -= held[0]
+                self.admission.release(held)
         return await self._admit(scope, receive, send_with_headers)
 
     async def _admit(self, scope: dict, receive: Callable, send_with_headers: Callable) -> None:
-        if self._slots.locked():
-            return await _answer(
-                send_with_headers,
-                429,
-                f"too many requests in flight (at most {self.limits.max_concurrency}); retry with backoff",
-                [(b"retry-after", b"1")],
-            )
-        async with self._slots:
+        if refused := self.admission.too_many():
+            return await _answer(send_with_headers, *refused, refusal_headers(refused[0]))
+        async with self.admission.slots:
             await self.app(scope, receive, send_with_headers)
-
-    async def _read_body(self, receive: Callable, held: list[int]) -> bytes | tuple[int, str]:
-        """The whole body, or (status, message) when it is too slow, too large, or more than this
-        worker's budget for bodies in flight; ``held[0]`` counts the bytes it took from that budget."""
-        limit, parts, size = self.limits.max_body_bytes, [], 0
-        try:
-            async with asyncio.timeout(self.limits.body_timeout_s):  # one timer for the whole body, no task
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return 400, "the client disconnected before sending the whole body"
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        return 413, f"request body is over the limit of {limit} bytes"
-                    if self._bodies_in_flight + len(chunk) > self._body_budget:
-                        return 503, "the server holds too many request bodies at once; retry shortly"
-                    self._bodies_in_flight += len(chunk)
-                    held[0] += len(chunk)
-                    parts.append(chunk)
-                    if not message.get("more_body", False):
-                        return parts[0] if len(parts) == 1 else b"".join(parts)
-        except TimeoutError:
-            return 408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s"
 
 
 def _replay(body: bytes, receive: Callable) -> Callable:
@@ -197,6 +223,79 @@ async def _answer(send: Callable, status: int, message: str, headers: list[tuple
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+# -- the hot routes, in front of everything ------------------------------------------------------
+
+
+class FastLane:
+    """The hot routes answered in front of everything else in a worker: the outermost ASGI app
+    (:func:`service.framework_patches.put_in_front`), ahead of uvicorn's proxy-headers layer and of the
+    layers BentoML builds around the service's own (Starlette's two error handlers, request metrics,
+    OpenTelemetry, the request deadline, the request context), each of which wrapped ``send`` or
+    ``receive`` and ran its own coroutine for every prediction.
+
+    It does for these routes what those layers and the edge did, once: BentoML's request metrics (the
+    same samples, recorded through BentoML's own middleware, ``LIVE_METRICS``), the response deadline
+    (``SERVICE_TIMEOUT_S``, 504), the edge's admission (the body within ``CLIENT_BODY_TIMEOUT_S`` and
+    ``MAX_BODY_BYTES`` and the worker's budget for bodies in flight, then a slot: 408/413/503/429) and
+    its ``nosniff`` header, then :class:`HotRoutes`' answer. Everything else goes to ``app`` as before,
+    as do these routes until the worker has its model.
+    """
+
+    def __init__(
+        self,
+        app: Callable,
+        hot: HotRoutes,
+        admission: Admission,
+        deadline: ResponseDeadline,
+        label: Callable[[str], str | None],
+        metrics: list[Any],
+    ) -> None:
+        self.app, self.hot, self.admission, self.deadline = app, hot, admission, deadline
+        self.labels = {path: label(path) or path for path in HOT_ROUTES}
+        self._metrics = metrics  # BentoML's metrics middleware once it is built (none: metrics are off)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        handler = HOT_ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if handler is None or getattr(self.hot.state, "core", None) is None:
+            return await self.app(scope, receive, send)
+        metrics = self._metrics[0] if self._metrics else None
+        label = self.labels[scope["path"]]
+        started = metrics.started(label) if metrics is not None else 0.0
+        scope["digits.hot"] = handler
+        try:
+            answered = await self.deadline.within(self._serve, scope, receive, send)
+            status = scope.get("digits.status") if answered else 504
+            if metrics is not None and status is not None:
+                metrics.answered(label, status, started)
+        finally:
+            if metrics is not None:
+                metrics.finished(label)
+
+    async def _serve(self, scope: dict, receive: Callable, send: Callable) -> None:
+        held = [0]
+        try:
+            body = await self.admission.read_body(receive, held)
+            if isinstance(body, tuple):
+                status, message = body
+                return await self._send(scope, send, (status, [JSON_HEADER, *refusal_headers(status)], error_body(message)))
+            if refused := self.admission.too_many():
+                status, message = refused
+                return await self._send(scope, send, (status, [JSON_HEADER, *refusal_headers(status)], error_body(message)))
+            async with self.admission.slots:
+                response = await self.hot.answer(scope, scope["digits.hot"], body)
+                if response is not None:
+                    await self._send(scope, send, response)
+        finally:
+            self.admission.release(held)
+
+    @staticmethod
+    async def _send(scope: dict, send: Callable, response: Response) -> None:
+        status, headers, payload = response
+        scope["digits.status"] = status
+        headers.append(NOSNIFF)
+        await send_response(send, status, headers, payload)
 
 
 # -- headers in bounded time ----------------------------------------------------------------------

@@ -48,8 +48,9 @@ PATCHED = (
         "RunnerTrafficMetricsMiddleware",
         "bentoml 1.4.x",
     ),
-    Patch("a deadline for request headers", "uvicorn.config", "HTTP_PROTOCOLS", "uvicorn 0.3x"),
-    Patch("a listening socket per worker", "uvicorn.server", "Server.serve", "uvicorn 0.3x"),
+    Patch("a deadline for request headers", "uvicorn.config", "HTTP_PROTOCOLS", "uvicorn 0.54"),
+    Patch("a listening socket per worker", "uvicorn.server", "Server.serve", "uvicorn 0.54"),
+    Patch("the hot routes in front of BentoML's middlewares", "uvicorn.config", "Config.load", "uvicorn 0.54"),
     Patch(
         "SavedModel signatures read without loading the model",
         "tensorflow.python.saved_model.loader_impl",
@@ -60,6 +61,8 @@ PATCHED = (
 # What TensorFlow's __init__ imports "so that ... registration of optimizers in the SavedModel registry"
 # happens; it tolerates an ImportError there (tensorflow 2.21: a try/except around the import)
 KERAS_EAGER_IMPORT = "keras.src.optimizers"
+# The worker's request metrics middleware, once BentoML has built it (label_metrics_by_route)
+LIVE_METRICS: list[Any] = []
 # BentoML serves its docs page's files from here; the edge lists them as known paths
 BENTOML_STATIC = Path(bentoml.__file__).parent / "_internal" / "server" / "static_content"
 
@@ -131,6 +134,10 @@ class ResponseDeadline:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        await self.within(self.app, scope, receive, send)
+
+    async def within(self, app: Callable, scope: dict, receive: Callable, send: Callable) -> bool:
+        """Run the ASGI ``app`` under the deadline: False when it ran out and this answered 504."""
         task = asyncio.current_task()
         loop = task.get_loop()
         self._deadlines[task] = loop.time() + self.timeout
@@ -142,13 +149,15 @@ class ResponseDeadline:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_stop_the_clock)
+            await app(scope, receive, send_and_stop_the_clock)
+            return True
         except asyncio.CancelledError:
             if task not in self._expired:
                 raise
             self._expired.discard(task)
             task.uncancel()
             await _json_answer(send, 504, f"Not able to process the request in {self.timeout} seconds")
+            return False
         finally:
             self._deadlines.pop(task, None)
             if task in self._expired:  # cancelled by us, but the app finished anyway
@@ -233,6 +242,29 @@ def label_metrics_by_route(match: Callable[[], Callable[[str], str | None]]) -> 
                 )
             return children
 
+        def __init__(self, app: Callable, *args: Any, **kwargs: Any) -> None:
+            super().__init__(app, *args, **kwargs)
+            LIVE_METRICS[:] = [self]  # one per worker: the hot routes' fast lane records through it
+
+        def started(self, label: str) -> float:
+            """Count a request on ``label`` as in progress; the start time to pass to :meth:`finished`."""
+            if not self._is_setup:
+                self._setup()
+            in_progress, last_request = self._route_children(label)
+            if last_request is not None:
+                last_request.set(time.time())
+            in_progress.inc()
+            return time.perf_counter()
+
+        def answered(self, label: str, status: int, started: float) -> None:
+            """Count the answer (its status and duration) of a request :meth:`started` counted."""
+            total, duration = self._status_children(label, status)
+            total.inc()
+            duration.observe(max(time.perf_counter() - started, 0.0))
+
+        def finished(self, label: str) -> None:
+            self._route_children(label)[0].dec()
+
         async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
             if scope["type"] != "http":
                 return await super().__call__(scope, receive, send)
@@ -242,12 +274,7 @@ def label_metrics_by_route(match: Callable[[], Callable[[str], str | None]]) -> 
             scope["digits.path"], scope["path"] = scope["path"], label
             if label == "/metrics":
                 return await self.app(scope, receive, send)
-            if not self._is_setup:
-                self._setup()
-            in_progress, last_request = self._route_children(label)
-            if last_request is not None:
-                last_request.set(time.time())
-            started = time.perf_counter()
+            started = self.started(label)
             status = 0
 
             async def send_counted(message: dict) -> None:
@@ -255,16 +282,13 @@ def label_metrics_by_route(match: Callable[[], Callable[[str], str | None]]) -> 
                 if message["type"] == "http.response.start":
                     status = message["status"]
                 elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                    total, duration = self._status_children(label, status)
-                    total.inc()
-                    duration.observe(max(time.perf_counter() - started, 0.0))
+                    self.answered(label, status, started)
                 await send(message)
 
-            in_progress.inc()
             try:
                 await self.app(scope, receive, send_counted)
             finally:
-                in_progress.dec()
+                self.finished(label)
 
     instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
 
@@ -312,14 +336,42 @@ def own_listener(shared: socket.socket, backlog: int) -> socket.socket:
 
 def listen_per_worker() -> None:
     """Give each uvicorn server (one per BentoML worker) its own ``SO_REUSEPORT`` listening socket."""
+    _SERVE_WITH["per_worker_socket"] = True
+    _patch_serve()
+
+
+def put_in_front(wrap: Callable[[Callable], Callable]) -> None:
+    """Make ``wrap(app)`` the outermost ASGI app of the uvicorn server each BentoML worker runs: in
+    front of uvicorn's proxy-headers layer and every middleware BentoML builds (metrics, tracing,
+    timeout, Starlette's error handlers), which a request otherwise crosses before any of the
+    service's own code; ``wrap`` answers what it chooses and hands the rest to ``app``."""
+    _SERVE_WITH["front"] = wrap
+    _patch_serve()
+
+
+_SERVE_WITH: dict[str, Any] = {}
+
+
+def _patch_serve() -> None:
     original = uvicorn.Server.serve
-    if getattr(original, "per_worker", False):
+    if getattr(original, "patched_by_digits", False):
         return
 
     async def serve(self: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
-        if sockets and len(sockets) == 1 and sockets[0].family in (socket.AF_INET, socket.AF_INET6):
+        if (
+            _SERVE_WITH.get("per_worker_socket")
+            and sockets
+            and len(sockets) == 1
+            and sockets[0].family in (socket.AF_INET, socket.AF_INET6)
+        ):
             sockets = [own_listener(sockets[0], self.config.backlog)]
+        front = _SERVE_WITH.get("front")
+        if front is not None and not getattr(self.config, "digits_front", False):
+            if not self.config.loaded:
+                self.config.load()
+            self.config.loaded_app = front(self.config.loaded_app)
+            self.config.digits_front = True
         await original(self, sockets)
 
-    serve.per_worker = True  # type: ignore[attr-defined]
+    serve.patched_by_digits = True  # type: ignore[attr-defined]
     uvicorn.Server.serve = serve  # type: ignore[method-assign]

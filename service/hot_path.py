@@ -115,17 +115,21 @@ HOT_ROUTES: dict[str, HotHandler] = {
 }
 # TF Serving ignores the header; V2's binary extension sends application/octet-stream
 ANY_CONTENT_TYPE = frozenset({f"/v1/models/{tfserving.MODEL_NAME}:predict", V2_INFER})
-_JSON_HEADER = (b"content-type", b"application/json")
+JSON_HEADER = (b"content-type", b"application/json")
+
+
+Response = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, payload
 
 
 class HotRoutes:
     """Raw ASGI for ``POST /predict``, ``/v1/models/mnist:predict`` and ``/v2/models/mnist/infer``, in
     front of the routers; every other request goes on to ``app``. ``state`` holds what a worker set
-    when it started (``core``, ``settings``: the FastAPI app's state). The edge and BentoML's own
-    middlewares (metrics, concurrency limit) still run before this one.
+    when it started (``core``, ``settings``: the FastAPI app's state). When :class:`FastLane` is in
+    front of the worker (the default), these routes are answered there and never reach this layer;
+    here they meet the edge and BentoML's own middlewares (metrics, tracing, access log) first.
     """
 
-    def __init__(self, app: Callable, state: Any) -> None:
+    def __init__(self, app: Callable | None, state: Any) -> None:
         self.app, self.state = app, state
         self.routes = HOT_ROUTES
 
@@ -133,11 +137,19 @@ class HotRoutes:
         handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if handler is None:
             return await self.app(scope, receive, send)
+        response = await self.answer(scope, handler, scope.get("digits.body"), receive)
+        if response is not None:
+            await send_response(send, *response)
+
+    async def answer(
+        self, scope: dict, handler: HotHandler, body: bytes | None, receive: Callable | None = None
+    ) -> Response | None:
+        """The answer to a hot route's request; ``body`` None: read it from ``receive`` first (None back
+        when the client went away meanwhile)."""
         settings, core = self.state.settings, self.state.core
         headers = dict(scope["headers"])
         try:
             content_type = None if scope["path"] in ANY_CONTENT_TYPE else headers.get(b"content-type", b"").decode("latin-1")
-            body = scope.get("digits.body")  # what the edge read, within its limits
             if body is None:
                 body = await read_body(
                     content_type, _latin1(headers.get(b"content-length")), _chunks(receive), settings.max_body_bytes, json=True
@@ -151,29 +163,31 @@ class HotRoutes:
             finally:
                 if token is not None:
                     CANARY_KEY.reset(token)
-            status, content_type = 200, _JSON_HEADER
-            extra = [(b"x-model-version", prediction.model.version.encode())]
+            response_headers = [JSON_HEADER, (b"x-model-version", prediction.model.version.encode())]
             if isinstance(content, Encoded):
-                payload, content_type = content.payload, (b"content-type", content.media_type.encode())
-                extra += [(name.encode(), value.encode()) for name, value in content.headers]
-            else:
-                payload = orjson.dumps(content)
+                response_headers[0] = (b"content-type", content.media_type.encode())
+                response_headers += [(name.encode(), value.encode()) for name, value in content.headers]
+                return 200, response_headers, content.payload
+            return 200, response_headers, orjson.dumps(content)
         except ClientDisconnect:
-            return
+            return None
         except ServiceError as error:
             client_errors.warning("%s [POST] answered %d: %s", scope["path"], error.http_status, error)
-            status, payload, extra, content_type = error.http_status, error_body(str(error)), [], _JSON_HEADER
+            return error.http_status, [JSON_HEADER], error_body(str(error))
         except Exception:
             logger.exception("%s [POST] failed", scope["path"])
-            status, payload, extra, content_type = 500, error_body("internal error; see the service log"), [], _JSON_HEADER
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [content_type, (b"content-length", str(len(payload)).encode()), *extra],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+            return 500, [JSON_HEADER], error_body("internal error; see the service log")
+
+
+async def send_response(send: Callable, status: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(payload)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _latin1(value: bytes | None) -> str | None:

@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import bentoml
@@ -173,11 +174,30 @@ framework_patches.install(SETTINGS.client_header_timeout_s, SETTINGS.workers)
 _uvicorn_log = logging.getLogger("uvicorn.error")
 _uvicorn_log.addFilter(ThrottledMessage("Invalid HTTP request received.", ClientErrorLog(_uvicorn_log)))
 framework_patches.label_metrics_by_route(lambda: edge.RouteTable(http.app.routes).label)
-Digits.add_asgi_middleware(
-    edge.Edge,
-    limits=edge.EdgeLimits(
-        SETTINGS.max_body_bytes, SETTINGS.client_body_timeout_s, SETTINGS.max_concurrency, SETTINGS.max_body_bytes_in_flight
-    ),
-    routes=lambda: edge.RouteTable(http.app.routes),
+LIMITS = edge.EdgeLimits(
+    SETTINGS.max_body_bytes, SETTINGS.client_body_timeout_s, SETTINGS.max_concurrency, SETTINGS.max_body_bytes_in_flight
 )
+ADMISSION = edge.Admission(LIMITS)  # this worker's, whichever way a request comes in
+Digits.add_asgi_middleware(edge.Edge, limits=LIMITS, routes=lambda: edge.RouteTable(http.app.routes), admission=ADMISSION)
 Digits.add_asgi_middleware(hot_path.HotRoutes, state=http.app.state)
+
+
+def _fast_lane(app: Callable) -> Callable:
+    """The prediction routes answered ahead of BentoML's layers (:class:`service.edge.FastLane`), unless
+    a feature that lives in those layers is on: tracing, the access log, CORS."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    needs_bentoml = {"TRACING": SETTINGS.tracing, "ACCESS_LOG": SETTINGS.access_log}
+    needs_bentoml["CORS"] = BentoMLContainer.http.cors.enabled.get()
+    if any(needs_bentoml.values()):
+        on = ", ".join(name for name, wanted in needs_bentoml.items() if wanted)
+        print(f"digits: prediction routes: through BentoML's middlewares ({on} on)", file=sys.stderr, flush=True)
+        return app
+    print("digits: prediction routes: fast lane, in front of BentoML's middlewares", file=sys.stderr, flush=True)
+    deadline = framework_patches.ResponseDeadline(app, SETTINGS.timeout_s)
+    label = edge.RouteTable(http.app.routes).label
+    hot = hot_path.HotRoutes(None, http.app.state)
+    return edge.FastLane(app, hot, ADMISSION, deadline, label, framework_patches.LIVE_METRICS)
+
+
+framework_patches.put_in_front(_fast_lane)

@@ -11,6 +11,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import uvicorn
 
 from service import framework_patches
 from service.framework_patches import PATCHED, ResponseDeadline, own_listener, resolve
@@ -166,3 +167,48 @@ def test_workers_own_listeners_share_the_connections_and_the_shared_socket_takes
     finally:
         for sock in [*clients, *workers, shared]:
             sock.close()
+
+
+def test_the_front_answers_before_the_app_a_real_uvicorn_server_was_given(monkeypatch):
+    """``put_in_front`` makes its wrapper the outermost app of a uvicorn server (as each BentoML worker
+    starts one): it answers what it chooses and hands the rest to the app uvicorn loaded."""
+    monkeypatch.setattr(framework_patches, "_SERVE_WITH", {})
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"3")]})
+            await send({"type": "http.response.body", "body": b"app"})
+
+    def front(inner):
+        async def wrapped(scope, receive, send):
+            if scope["type"] == "http" and scope["path"] == "/front":
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+                return await send({"type": "http.response.body", "body": b"front"})
+            await inner(scope, receive, send)
+
+        return wrapped
+
+    framework_patches.put_in_front(front)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+
+    async def serve_and_ask() -> list[bytes]:
+        serving = asyncio.create_task(server.serve(sockets=[listener]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        answers = []
+        for path in ("/front", "/other"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+            answers.append((await reader.read()).rsplit(b"\r\n\r\n", 1)[1])
+            writer.close()
+        server.should_exit = True
+        await serving
+        return answers
+
+    try:
+        assert asyncio.run(asyncio.wait_for(serve_and_ask(), 30)) == [b"front", b"app"]
+    finally:
+        listener.close()

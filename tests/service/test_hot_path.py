@@ -1,16 +1,21 @@
-"""The prediction routes' raw-ASGI front (service.hot_path.HotRoutes) in-process, over a real serving core
-and batcher with a stand-in model: answers, version headers, errors as JSON, batching, pass-through."""
+"""The prediction routes' raw-ASGI front (service.hot_path.HotRoutes) and the fast lane in front of
+BentoML's layers (service.edge.FastLane) in-process, over a real serving core and batcher with a
+stand-in model: answers, version headers, errors as JSON, batching, pass-through, the edge's limits."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import orjson
 import pytest
 
+from service import http
 from service.core import ServingCore
+from service.edge import Admission, EdgeLimits, FastLane, RouteTable
+from service.framework_patches import ResponseDeadline
 from service.hot_path import HotRoutes
 from service.runtime import LoadedModel, ModelInfo, Prediction
 
@@ -178,3 +183,152 @@ def test_concurrent_requests_share_model_calls_and_each_gets_its_own_answer():
     assert [orjson.loads(body)[0]["digit"] for _, _, body in results] == [expected_digit(i) for i in batch]
     assert sum(front.runtime.batch_sizes) == 24 and len(front.runtime.batch_sizes) < 24, front.runtime.batch_sizes
     front.core.close()
+
+
+# -- the fast lane: the same routes answered in front of BentoML's layers, with the edge's limits ----
+
+
+class CountedRequests:
+    """Records what the fast lane tells BentoML's metrics middleware (its ``started``/``answered``/
+    ``finished``, as ``framework_patches.label_metrics_by_route`` gives it); the real one is checked
+    through a running service in ``test_service.py``."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def started(self, label: str) -> float:
+        self.events.append(("started", label))
+        return 0.0
+
+    def answered(self, label: str, status: int, started: float) -> None:
+        self.events.append(("answered", label, status))
+
+    def finished(self, label: str) -> None:
+        self.events.append(("finished", label))
+
+
+class SlowDigit(SumDigit):
+    def predict(self, pixels: np.ndarray) -> Prediction:
+        time.sleep(0.5)
+        return super().predict(pixels)
+
+
+class Lane(Front):
+    """A FastLane in front of an app that records what reached it, over a real core and batcher."""
+
+    def __init__(self, runtime: SumDigit, limits: EdgeLimits, timeout_s: float = 30, core: bool = True) -> None:
+        super().__init__(runtime)
+        self.metrics = CountedRequests()
+        state = self.hot.state if core else SimpleNamespace()
+        self.lane = FastLane(
+            self._inner,
+            HotRoutes(None, state),
+            Admission(limits),
+            ResponseDeadline(None, timeout_s),
+            RouteTable(http.app.routes).label,
+            [self.metrics],
+        )
+
+    async def request(self, path: str, body: bytes, method: str = "POST", chunks: list | None = None):
+        messages = chunks or [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if not messages:
+                await asyncio.sleep(3600)
+            message = messages.pop(0)
+            if message.get("delay"):
+                await asyncio.sleep(message.pop("delay"))
+            return message
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        headers = [(b"content-type", b"application/json")]
+        await self.lane({"type": "http", "method": method, "path": path, "headers": headers}, receive, send)
+        start = sent[0]
+        return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+LANE_LIMITS = EdgeLimits(max_body_bytes=8 * 1024, body_timeout_s=0.3, max_concurrency=2)
+
+
+def test_the_fast_lane_answers_the_hot_routes_itself_with_nosniff_and_counts_each_under_its_route():
+    lane = Lane(SumDigit(version="7"), LANE_LIMITS)
+    image = images(1, seed=4)[0]
+
+    async def both():
+        return (
+            await lane.request("/predict", orjson.dumps(image.tolist())),
+            await lane.request("/v1/models/mnist:predict", orjson.dumps({"instances": [image.tolist()]})),
+            await lane.request("/predict", b"[[1, 2]]"),
+        )
+
+    (status, headers, body), (tf_status, _, tf_body), (bad, bad_headers, bad_body) = run(both())
+    assert status == 200 and orjson.loads(body)[0]["digit"] == expected_digit(image)
+    assert headers[b"x-model-version"] == b"7" and headers[b"x-content-type-options"] == b"nosniff"
+    assert int(headers[b"content-length"]) == len(body)
+    assert tf_status == 200 and orjson.loads(tf_body)["predictions"][0]["digit"] == expected_digit(image)
+    assert bad == 400 and "28" in orjson.loads(bad_body)["error"] and bad_headers[b"x-content-type-options"] == b"nosniff"
+    assert lane.passed_on == []
+    tf = "/v1/models/{model}:predict"
+    assert lane.metrics.events == [
+        ("started", "/predict"),
+        ("answered", "/predict", 200),
+        ("finished", "/predict"),
+        ("started", tf),
+        ("answered", tf, 200),
+        ("finished", tf),
+        ("started", "/predict"),
+        ("answered", "/predict", 400),
+        ("finished", "/predict"),
+    ]
+    lane.core.close()
+
+
+def test_other_requests_and_a_worker_without_its_core_yet_go_on_to_the_stack():
+    lane = Lane(SumDigit(), LANE_LIMITS)
+    run(lane.request("/model", b""))
+    run(lane.request("/predict", b"", method="GET"))
+    assert lane.passed_on == ["POST /model", "GET /predict"] and lane.metrics.events == []
+    starting = Lane(SumDigit(), LANE_LIMITS, core=False)
+    run(starting.request("/predict", orjson.dumps(images(1)[0].tolist())))
+    assert starting.passed_on == ["POST /predict"]
+    lane.core.close()
+    starting.core.close()
+
+
+@pytest.mark.parametrize(
+    ("chunks", "status", "message"),
+    [
+        ([{"type": "http.request", "body": b"0" * (8 * 1024 + 1), "more_body": False}], 413, "over the limit of 8192 bytes"),
+        ([{"type": "http.request", "body": b"[", "more_body": True}], 408, "did not arrive within 0.3 s"),
+        ([{"type": "http.disconnect"}], 400, "disconnected"),
+    ],
+    ids=["too large", "too slow", "gone"],
+)
+def test_the_fast_lane_keeps_the_edges_body_limits(chunks, status, message):
+    lane = Lane(SumDigit(), LANE_LIMITS)
+    got, headers, body = run(lane.request("/predict", b"", chunks=chunks))
+    assert got == status and message in orjson.loads(body)["error"]
+    assert headers[b"connection"] == b"close" and headers[b"x-content-type-options"] == b"nosniff"
+    assert lane.metrics.events[1] == ("answered", "/predict", status)
+    assert lane.runtime.batch_sizes == [] and lane.passed_on == []
+    lane.core.close()
+
+
+def test_the_fast_lane_answers_429_when_every_slot_is_taken_and_504_past_the_deadline():
+    lane = Lane(SlowDigit(), LANE_LIMITS, timeout_s=5)
+    body = orjson.dumps(images(1)[0].tolist())
+
+    async def three_at_once():
+        return await asyncio.gather(*(lane.request("/predict", body) for _ in range(3)))
+
+    statuses = sorted(status for status, _, _ in run(three_at_once()))
+    assert statuses == [200, 200, 429]
+    late = Lane(SlowDigit(), LANE_LIMITS, timeout_s=0.1)
+    status, _, answer = run(late.request("/predict", body))
+    assert status == 504 and "0.1 seconds" in orjson.loads(answer)["error"]
+    assert late.metrics.events == [("started", "/predict"), ("answered", "/predict", 504), ("finished", "/predict")]
+    lane.core.close()
+    late.core.close()

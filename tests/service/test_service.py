@@ -43,6 +43,23 @@ def test_health_and_model_info(service, trained_registry):
     assert {"/predict", "/predict_image", "/model"} <= set(spec["paths"])
 
 
+def test_predictions_take_the_fast_lane_unless_the_access_log_needs_bentomls_layers(service, trained_registry, sample, tmp_path):
+    """By default the prediction routes are answered in front of BentoML's middlewares (each worker says
+    so); with the access log on they go through them, so every prediction is in the access log."""
+    assert wait_until(lambda: service.log().count("prediction routes: fast lane") >= 1, timeout=10)
+    logged = start_service({**trained_registry.env, "ACCESS_LOG": "1"}, tmp_path / "service.log")
+    try:
+        answer = requests.post(f"{logged.url}/predict", json=sample["x_test"][0].tolist(), timeout=30)
+        assert answer.status_code == 200 and answer.json()[0]["digit"] == int(sample["y_test"][0])
+        assert wait_until(lambda: re.search(r"method=POST,path=/predict\b.*status=200", logged.log()), timeout=10), logged.log()[
+            -2000:
+        ]
+        assert "prediction routes: through BentoML's middlewares (ACCESS_LOG on)" in logged.log()
+        assert "prediction routes: fast lane" not in logged.log()
+    finally:
+        stop_service(logged)
+
+
 def test_only_the_workers_load_tensorflow(service):
     """BentoML's main process imports the service to read it but never serves: without TensorFlow it
     starts the workers 5-7 s sooner. Judged by what each process has mapped, not by what it says."""
