@@ -25,6 +25,7 @@ import bentoml
 import uvicorn
 
 import quiet
+from service.deadlines import TaskDeadlines
 
 
 @dataclass(frozen=True)
@@ -119,17 +120,15 @@ class ResponseDeadline:
     held ~98,000 of them (and their futures, contexts and bound methods), ~590,000 objects that survive
     into the garbage collector's oldest generation and made every full collection a 100–270 ms stop
     (measured with ``gc.callbacks``: 36–44 such pauses per worker in 35 s of load) — the service's p99.
-    Here a request costs a dict entry: one sweep per ``tick`` (a tenth of the timeout, at most 1 s, so a
-    deadline is kept within that) cancels the requests past their deadline, and only while any wait.
+    Here a request costs a dict entry (:class:`service.deadlines.TaskDeadlines`): one sweep per tick (a
+    tenth of the timeout, at most 1 s, so a deadline is kept within that) cancels the requests past
+    their deadline, and only while any wait.
     """
 
     def __init__(self, app: Callable, timeout: float) -> None:
         self.app = app
         self.timeout = timeout
-        self.tick = min(1.0, timeout / 10)
-        self._deadlines: dict[asyncio.Task, float] = {}  # requests whose answer has not started
-        self._expired: set[asyncio.Task] = set()
-        self._sweep: asyncio.TimerHandle | None = None
+        self.deadlines = TaskDeadlines(timeout)  # one sweep per worker, a dict entry per request
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -139,39 +138,22 @@ class ResponseDeadline:
     async def within(self, app: Callable, scope: dict, receive: Callable, send: Callable) -> bool:
         """Run the ASGI ``app`` under the deadline: False when it ran out and this answered 504."""
         task = asyncio.current_task()
-        loop = task.get_loop()
-        self._deadlines[task] = loop.time() + self.timeout
-        if self._sweep is None:
-            self._sweep = loop.call_later(self.tick, self._cancel_late, loop)
+        self.deadlines.arm(task)
 
         async def send_and_stop_the_clock(message: dict) -> None:
-            self._deadlines.pop(task, None)  # like BentoML's: the deadline is for the answer to start
+            self.deadlines.stop_clock(task)  # like BentoML's: the deadline is for the answer to start
             await send(message)
 
         try:
             await app(scope, receive, send_and_stop_the_clock)
             return True
         except asyncio.CancelledError:
-            if task not in self._expired:
+            if not self.deadlines.expired(task):
                 raise
-            self._expired.discard(task)
-            task.uncancel()
             await _json_answer(send, 504, f"Not able to process the request in {self.timeout} seconds")
             return False
         finally:
-            self._deadlines.pop(task, None)
-            if task in self._expired:  # cancelled by us, but the app finished anyway
-                self._expired.discard(task)
-                task.uncancel()
-
-    def _cancel_late(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
-        for task, deadline in list(self._deadlines.items()):
-            if deadline <= now:
-                del self._deadlines[task]
-                self._expired.add(task)
-                task.cancel()
-        self._sweep = loop.call_later(self.tick, self._cancel_late, loop) if self._deadlines else None
+            self.deadlines.disarm(task)
 
 
 async def _json_answer(send: Callable, status: int, message: str) -> None:

@@ -117,7 +117,7 @@ def test_answered_requests_leave_no_timer_behind():
         return sum(1 for handle in loop._scheduled if not handle.cancelled())
 
     assert asyncio.run(many()) <= 1
-    assert not middleware._deadlines
+    assert not len(middleware.deadlines)
 
 
 def test_late_requests_among_many_get_504_and_the_rest_their_answer():
