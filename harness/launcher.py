@@ -138,7 +138,34 @@ def start_service(
     command = [sys.executable, "-m", "bentoml", "serve", "service:Digits", "--working-dir", str(REPO_ROOT)]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port else None
-    return start_process(command, f"http://127.0.0.1:{port}", "/readyz", log_path, env, cwd, timeout, grpc_target)
+    started = time.monotonic()
+    running = start_process(command, f"http://127.0.0.1:{port}", "/readyz", log_path, env, cwd, timeout, grpc_target)
+    workers = int(env["SERVICE_WORKERS"]) if env["SERVICE_WORKERS"].strip().isdigit() else 0
+    if workers > 1 and running.process.poll() is None:
+        _wait_for_listeners(running, port, workers, timeout - (time.monotonic() - started))
+    return running
+
+
+def _wait_for_listeners(running: RunningProcess, port: int, workers: int, timeout: float) -> None:
+    """Wait until ``workers`` of the server's processes listen on ``port``: ``/readyz`` answers once
+    one worker serves, and each worker listens only once it has started (its model loaded)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and running.process.poll() is None:
+        listening = set()
+        for child in psutil.Process(running.process.pid).children(recursive=True):
+            try:
+                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections("tcp")):
+                    listening.add(child.pid)
+            except psutil.Error:
+                pass
+        if len(listening) >= workers:
+            return
+        time.sleep(0.2)
+    if running.process.poll() is None:
+        stop_process(running)
+        raise TimeoutError(f"not every one of {workers} workers listened within the timeout:\n{running.log()[-3000:]}")
 
 
 def start_mlflow_models_serve(

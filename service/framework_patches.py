@@ -288,9 +288,10 @@ def install_header_timeout(seconds: float) -> None:
     config.HTTP_PROTOCOLS["auto"] = "service.edge:HeaderTimeoutProtocol"
 
 
-def own_listener(shared: socket.socket, backlog: int) -> socket.socket:
-    """A listening socket of this worker's own on ``shared``'s address (``SO_REUSEPORT``), after which
-    ``shared`` stops listening, so the kernel spreads new connections over the workers' sockets.
+def own_listener(shared: socket.socket) -> socket.socket:
+    """A socket of this worker's own, bound to ``shared``'s address (``SO_REUSEPORT``) and not yet
+    listening, after which ``shared`` stops listening, so the kernel spreads new connections over the
+    workers' sockets.
 
     BentoML hands every worker one listening socket; each worker's event loop accepts whatever is
     pending when it wakes, so a burst of connections went mostly to one worker (64:0, 58:6, 15:49
@@ -298,6 +299,11 @@ def own_listener(shared: socket.socket, backlog: int) -> socket.socket:
     every worker): it gets ``SO_REUSEPORT`` so that the workers may bind beside it, then
     ``shutdown`` takes it out of the listening group (Linux; the arbiter keeps it bound, so the port
     stays reserved). gRPC's server does the same per worker (``grpc.so_reuseport``).
+
+    uvicorn makes the socket listen once the worker's startup (TensorFlow, the model, its warm-up) is
+    done: a socket listening from the start took its share of new connections into a backlog nobody
+    served for those seconds, the first requests after a start waited up to 0.8 s (p99 0.8 s in the
+    first 2 s, 43-55 ms after), and so would every connection a restarting worker took.
     """
     shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     own = socket.socket(shared.family, socket.SOCK_STREAM)
@@ -305,7 +311,6 @@ def own_listener(shared: socket.socket, backlog: int) -> socket.socket:
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         own.bind(shared.getsockname())
-        own.listen(backlog)
     except OSError:
         own.close()
         raise
@@ -346,7 +351,7 @@ def _patch_serve() -> None:
             and len(sockets) == 1
             and sockets[0].family in (socket.AF_INET, socket.AF_INET6)
         ):
-            sockets = [own_listener(sockets[0], self.config.backlog)]
+            sockets = [own_listener(sockets[0])]
         front = _SERVE_WITH.get("front")
         if front is not None and not getattr(self.config, "digits_front", False):
             if not self.config.loaded:

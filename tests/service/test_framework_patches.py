@@ -148,7 +148,9 @@ def test_workers_own_listeners_share_the_connections_and_the_shared_socket_takes
     shared.bind(("127.0.0.1", 0))
     shared.listen(128)
     port = shared.getsockname()[1]
-    workers = [own_listener(shared, 128) for _ in range(2)]
+    workers = [own_listener(shared) for _ in range(2)]
+    for listener in workers:
+        listener.listen(128)  # as uvicorn does once the worker has started
     clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(64)]
     try:
         counts = []
@@ -212,3 +214,31 @@ def test_the_front_answers_before_the_app_a_real_uvicorn_server_was_given(monkey
         assert asyncio.run(asyncio.wait_for(serve_and_ask(), 30)) == [b"front", b"app"]
     finally:
         listener.close()
+
+
+def test_a_worker_still_starting_takes_no_connections():
+    """A worker's own socket listens only when uvicorn starts serving on it: until then every new
+    connection goes to the workers already serving, none waits in a backlog nobody reads."""
+    shared = socket.socket()
+    shared.bind(("127.0.0.1", 0))
+    shared.listen(128)
+    port = shared.getsockname()[1]
+    serving, starting = own_listener(shared), own_listener(shared)
+    serving.listen(128)
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(32)]
+    try:
+        counts = []
+        for listener in (serving, starting):
+            listener.setblocking(False)
+            accepted = 0
+            while True:
+                try:
+                    listener.accept()[0].close()
+                    accepted += 1
+                except OSError:  # BlockingIOError when empty; EINVAL on a socket not listening
+                    break
+            counts.append(accepted)
+        assert counts == [32, 0]
+    finally:
+        for sock in [*clients, serving, starting, shared]:
+            sock.close()
