@@ -51,6 +51,12 @@ PATCHED = (
     ),
     Patch("a deadline for request headers", "uvicorn.config", "HTTP_PROTOCOLS", "uvicorn 0.54"),
     Patch("a listening socket per worker", "uvicorn.server", "Server.serve", "uvicorn 0.54"),
+    Patch(
+        "the fast lane stays off while BentoML's CORS is on",
+        "bentoml._internal.configuration.containers",
+        "BentoMLContainer.http",
+        "bentoml 1.4.x",
+    ),
     Patch("the hot routes in front of BentoML's middlewares", "uvicorn.config", "Config.load", "uvicorn 0.54"),
     Patch(
         "SavedModel signatures read without loading the model",
@@ -325,6 +331,13 @@ def listen_per_worker() -> None:
     """Give each uvicorn server (one per BentoML worker) its own ``SO_REUSEPORT`` listening socket."""
     _SERVE_WITH["per_worker_socket"] = True
     _patch_serve()
+
+
+def bentoml_cors_enabled() -> bool:
+    """Whether BentoML's configuration turns its CORS middleware on (``http.cors.enabled``)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return bool(BentoMLContainer.http.cors.enabled.get())
 
 
 def put_in_front(wrap: Callable[[Callable], Callable]) -> None:

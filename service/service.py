@@ -185,10 +185,8 @@ Digits.add_asgi_middleware(hot_path.HotRoutes, state=http.app.state)
 def _fast_lane(app: Callable) -> Callable:
     """The prediction routes answered ahead of BentoML's layers (:class:`service.edge.FastLane`), unless
     a feature that lives in those layers is on: tracing, the access log, CORS."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
     needs_bentoml = {"TRACING": SETTINGS.tracing, "ACCESS_LOG": SETTINGS.access_log}
-    needs_bentoml["CORS"] = BentoMLContainer.http.cors.enabled.get()
+    needs_bentoml["CORS"] = framework_patches.bentoml_cors_enabled()
     if any(needs_bentoml.values()):
         on = ", ".join(name for name, wanted in needs_bentoml.items() if wanted)
         print(f"digits: prediction routes: through BentoML's middlewares ({on} on)", file=sys.stderr, flush=True)
