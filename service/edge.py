@@ -89,7 +89,7 @@ class RouteTable:
 class Admission:
     """A worker's limits on the requests it holds: each body read within time and size, the bodies held
     at once under a budget, then one of ``max_concurrency`` slots. One per worker, shared by
-    :class:`Edge` and the hot routes' fast lane (:class:`service.hot_path.FastLane`), so the limits
+    :class:`Edge` and the hot routes' fast lane (:class:`FastLane`), so the limits
     count every request whichever way it came in."""
 
     def __init__(self, limits: EdgeLimits) -> None:

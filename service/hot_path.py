@@ -124,7 +124,7 @@ Response = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, payl
 class HotRoutes:
     """Raw ASGI for ``POST /predict``, ``/v1/models/mnist:predict`` and ``/v2/models/mnist/infer``, in
     front of the routers; every other request goes on to ``app``. ``state`` holds what a worker set
-    when it started (``core``, ``settings``: the FastAPI app's state). When :class:`FastLane` is in
+    when it started (``core``, ``settings``: the FastAPI app's state). When :class:`service.edge.FastLane` is in
     front of the worker (the default), these routes are answered there and never reach this layer;
     here they meet the edge and BentoML's own middlewares (metrics, tracing, access log) first.
     """
