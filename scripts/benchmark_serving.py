@@ -2,7 +2,7 @@
 
     python scripts/benchmark_serving.py --model-uri exports/mnist [--duration 15]
                                         [--workers 1,2] [--repeats 3] [--protocol-repeats 1]
-                                        [--open-loop 1000,2000] [--mlflow URI]
+                                        [--open-loop 1000,2000] [--mlflow URI] [--reference DIR]
 
 Starts ``bentoml serve service:Digits`` on free loopback ports for each worker
 count, with Prometheus metrics and readiness on as always, and drives it with C load generators that
@@ -15,6 +15,8 @@ share the machine and whose own CPU is reported:
 - open loop: ``h2load --rps`` with connections started one ``1/rate`` apart, so arrivals are evenly
   spaced, not bursts; latency from its per-request log;
 - optionally ``mlflow models serve`` on the same model (``--mlflow models:/mnist-cnn/N``) for the ratio.
+- optionally ``scripts/reference_server.py`` on the same SavedModel (``--reference DIR``): the same
+  closed-loop ``/predict`` runs and open-loop rates, and the service / reference ratios.
 
 Prints a Markdown table and writes ``bench-results/serving-<time>.json``. The targets (issue 8) are
 printed beside the figures; nothing here fails on them.
@@ -304,29 +306,34 @@ def bench_service(
                 right = right_before and grpc_answers_right(target, *sample, protocol=protocol)
                 row = {"server": label, "route": route, "load": "64 conns", "repeat": repeat + 1, **result}
                 rows.append(show({**row, "checked_right": right}))
-        for rate in args.open_loop:
-            rows.append(
-                show(
-                    {
-                        "server": label,
-                        "route": "/predict",
-                        "load": f"open loop {rate}/s",
-                        "repeat": 1,
-                        **h2load(
-                            f"{service.url}/predict",
-                            bodies["json"],
-                            headers=["content-type: application/json"],
-                            h1=True,
-                            workdir=workdir,
-                            duration=args.duration,
-                            rate=rate,
-                        ),
-                    }
-                )
-            )
+        rows += open_loop(label, service.url, args, bodies, workdir)
     finally:
         stop_service(service)
     return rows
+
+
+def open_loop(label: str, url: str, args: argparse.Namespace, bodies: dict[str, Path], workdir: Path) -> list[dict]:
+    """One open-loop run of single-image ``/predict`` requests per rate in ``--open-loop``."""
+    return [
+        show(
+            {
+                "server": label,
+                "route": "/predict",
+                "load": f"open loop {rate}/s",
+                "repeat": 1,
+                **h2load(
+                    f"{url}/predict",
+                    bodies["json"],
+                    headers=["content-type: application/json"],
+                    h1=True,
+                    workdir=workdir,
+                    duration=args.duration,
+                    rate=rate,
+                ),
+            }
+        )
+        for rate in args.open_loop
+    ]
 
 
 def bench_reference(
@@ -360,7 +367,7 @@ def bench_reference(
             rows.append(
                 show({"server": label, "route": "/predict", "load": f"8 conns x {args.bulk} images", "repeat": 1, **bulk})
             )
-        return rows
+        return rows + open_loop(label, server.url, args, bodies, workdir)
     finally:
         stop_process(server)
 
@@ -390,6 +397,17 @@ def compare_with_reference(rows: list[dict]) -> None:
             f"({each(ours, cpu, '.3f')} vs {each(reference, cpu, '.3f')} ms); "
             f"connections per worker {[r['split'] for r in ours]} vs {[r['split'] for r in reference]}"
         )
+        for load in sorted({r["load"] for r in rows if r["load"].startswith("open loop")}):
+            pair = [
+                next((r for r in rows if r["server"] == f"{server}, {workers}" and r["load"] == load), None)
+                for server in ("service", "reference")
+            ]
+            if None not in pair:
+                print(
+                    f"service / reference, {workers}, {load}: achieved {pair[0]['rps']:,.0f} vs {pair[1]['rps']:,.0f} "
+                    f"req/s; p50 {pair[0]['p50_ms']:.1f} vs {pair[1]['p50_ms']:.1f} ms; p99 {pair[0]['p99_ms']:.1f} "
+                    f"vs {pair[1]['p99_ms']:.1f} ms ({pair[0]['p99_ms'] / pair[1]['p99_ms']:.2f}x)"
+                )
 
 
 def bench_mlflow(model_uri: str, args: argparse.Namespace, body: Path, workdir: Path) -> dict:
